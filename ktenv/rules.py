@@ -42,9 +42,17 @@ class Inputs:
     rules: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
+    def resolution_key(self) -> str:
+        """What the resolution depends on: archs with equal keys resolve identically."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("env", "arch")}
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
     def digest(self) -> str:
         """sha256 over the canonical JSON of these inputs (the lock's input hash)."""
-        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        # The env vars are the arch's run-time settings: they do not change what
+        # resolves, so editing them must not make a lock stale.
+        data = {k: v for k, v in asdict(self).items() if k != "env"}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -124,7 +124,7 @@ class Spec:
     def arch(self, name: str) -> Arch:
         """The arch, or a SpecError that tells the user what to do instead."""
         if name not in self.archs:
-            known = ", ".join(sorted(a for a in self.archs if self.archs[a].supported))
+            known = ", ".join(self.supported_archs())
             raise SpecError(
                 f"Unknown arch {name!r}. Supported archs are {known} "
                 "(compute capability 8.9 -> sm89, 9.0 -> sm90, 10.0 -> sm100, 12.0 -> sm120). "
