@@ -290,6 +290,13 @@ def resolve(
     if not offline and index is None:
         index = Index(inputs.index_url)
     lockstep: dict[str, str] = {}
+    if index is not None and not offline:
+        # The index pages are the only network round-trips ktenv adds to uv's: overlap them.
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = [n for g in inputs.lockstep for n in g["packages"]]
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            list(pool.map(index.files, names))
     for group in inputs.lockstep:
         version = pick_lockstep(group, inputs, None if offline else index, previous_lockstep or {})
         for n in group["packages"]:
@@ -305,7 +312,8 @@ def resolve(
             try:
                 text = _compile(work, py, inputs, seed, upgrade and not per_python, offline)
             except UvFailure as f:
-                if offline and ("offline" in f.stderr.lower() or "network" in f.stderr.lower()):
+                # Offline, uv reports a package missing from its cache as "no version of X".
+                if offline and any(k in f.stderr.lower() for k in ("offline", "network", "there is no version of")):
                     raise ResolveError(
                         f"Resolving {inputs.arch} (Python {py}) needs the package index, and --offline allows only "
                         "uv's cache, which lacks some of the metadata. Rerun without --offline (or warm the cache first)."
