@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="resolve from uv's cache only")
     p.add_argument("--no-rule", action="append", default=[], metavar="ID", help="resolve without this rule (to see what it lifts)")
     p.add_argument("--out", help="write the lock here instead of lock/<arch>[/stack-<v>]")
+    p.add_argument("--conda", action="store_true", help="also solve envs/conda.toml into lock/<arch>/conda-lock.yml")
+    p.add_argument("--channel", metavar="URL", help="conda channel to solve against (default: envs/conda.toml's)")
     p.set_defaults(module="lock")
 
     p = sub.add_parser("explain", help="the rules in effect and where the lock departs from upstream")
@@ -63,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target-isa", choices=ISAS, help="build kt-kernel for another machine's CPU")
     p.add_argument("--python", help="the interpreter to build the env with (default: found by uv)")
     p.add_argument("--backend", choices=("uv", "conda"), default="uv")
+    p.add_argument("--channel", metavar="URL", help="with --backend conda: the channel the conda lock was made against")
     p.add_argument("--json", action="store_true")
     p.set_defaults(module="materialize")
 
@@ -84,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="this host: GPUs, driver, CPU ISA, NUMA, RAM, disk; which --arch")
     _common(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--record", metavar="DIR", help="save this host's raw facts (nvidia-smi, NVML, /proc, /sys) to DIR")
+    p.add_argument("--host-facts", metavar="DIR", help="answer for a host recorded with --record instead of this one")
     p.set_defaults(module="doctor")
 
     p = sub.add_parser("launch", help="the per-arch, per-host server command")

@@ -461,8 +461,12 @@ def render(r: dict) -> str:
 
 
 def run(args) -> int:
+    if getattr(args, "record", None):
+        print(f"recorded this host's facts into {record(args.record)}")
+        return 0
     spec = specmod.load(getattr(args, "envs", "envs"))
-    report = collect(spec, live_facts())
+    facts = recorded_facts(args.host_facts) if getattr(args, "host_facts", None) else live_facts()
+    report = collect(spec, facts)
     if getattr(args, "json", False):
         print(json.dumps(report, indent=2))
     else:

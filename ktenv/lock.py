@@ -76,6 +76,10 @@ def run(args) -> int:
             d = Path(args.out) if args.out else lockfile.lock_dir(lock_root, a, inputs.stack_version, spec.stack.default)
             try:
                 lockfile.check(d, inputs)
+                if (d / "conda-lock.yml").exists():
+                    from . import conda
+
+                    conda.check(spec, a, d, channel_url=args.channel)
                 print(f"{a}: up to date ({d}/)")
             except KtenvError as e:
                 stale.append(e)
@@ -89,6 +93,7 @@ def run(args) -> int:
     kw = dict(out=out, upgrade=args.upgrade, offline=args.offline, disabled=tuple(args.no_rule), index=index)
     if len(archs) == 1:
         lock_one(spec, archs[0], args.stack, lock_root, **kw)
+        _conda(args, spec, archs, lock_root)
         return 0
     # Archs whose resolver inputs agree share one resolution (they differ in
     # run-time settings only); distinct inputs are resolved in turn.
@@ -103,4 +108,17 @@ def run(args) -> int:
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
         return errors[0].exit_code
+    _conda(args, spec, archs, lock_root)
     return 0
+
+
+def _conda(args, spec, archs, lock_root: Path) -> None:
+    """The conda layer (system packages: nvcc, compilers, hwloc) beside the PyPI lock."""
+    if not args.conda:
+        return
+    from . import conda
+
+    for a in archs:
+        inputs = rules.inputs(spec, a, args.stack)
+        d = Path(args.out) if args.out else lockfile.lock_dir(lock_root, a, inputs.stack_version, spec.stack.default)
+        conda.lock(spec, a, out_dir=d, channel_url=args.channel, stack_version=args.stack)
