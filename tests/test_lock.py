@@ -180,3 +180,25 @@ def test_offline_run_that_needs_the_network(cli, tmp_path, repo):
     shutil.copytree(repo / "lock" / "sm89", tmp_path / "b")
     p = cli("lock", "--arch", "sm89", "--offline", "--out", str(tmp_path / "b"), env={"UV_CACHE_DIR": str(tmp_path / "empty-cache")})
     assert p.returncode == 2 and "needs the package index" in p.stderr and "--offline" in p.stderr
+
+
+@pytest.mark.network
+def test_upgrade_re_resolves_within_the_spec(repo, tmp_path, cli):
+    """--upgrade ignores the current pins; inside the same cut-off the answer is the same.
+
+    A lock whose pins were moved by hand (but still inside the spec) is moved
+    back by --upgrade, while a plain relock keeps a pin it prefers.
+    """
+    shutil.copytree(repo / "lock" / "sm89", tmp_path / "sm89")
+    req = tmp_path / "sm89" / "requirements.txt"
+    old = _pins(req)
+    assert old["certifi"] != "2025.8.3"
+    # Pretend an earlier lock had chosen an older certifi: without --upgrade uv keeps preferring it.
+    text = req.read_text().replace(f"certifi=={old['certifi']}", "certifi==2025.8.3", 1)
+    req.write_text(text)
+    p = cli("lock", "--arch", "sm89", "--out", str(tmp_path / "sm89"))
+    assert p.returncode == 0, p.stderr
+    assert _pins(req)["certifi"] == "2025.8.3"
+    p = cli("lock", "--arch", "sm89", "--out", str(tmp_path / "sm89"), "--upgrade")
+    assert p.returncode == 0, p.stderr
+    assert req.read_bytes() == (repo / "lock" / "sm89" / "requirements.txt").read_bytes()
