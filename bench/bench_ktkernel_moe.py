@@ -1,6 +1,6 @@
 """KT-Kernel MXFP4 MoE throughput per CPU variant: is the env's choice the fastest here?
 
-    python bench/bench_ktkernel_moe.py --python /tmp/ktenv-stack/bin/python
+    python bench/bench_ktkernel_moe.py --python .envs/sm90/bin/python
 
 For every kt-kernel variant this CPU can run, a fresh process of the env's
 python runs ktenv/probes/kt_moe.py --bench with KT_KERNEL_CPU_VARIANT forcing

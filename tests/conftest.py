@@ -13,6 +13,38 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    """Build the real 0.7.2 env (sm90) once, for the tests that import the stack.
+
+    `python build.py env` is a no-op when the env is up to date (~0.2 s) and
+    takes seconds from a warm uv cache, ~1 min cold. Tests find its python in
+    KTENV_TEST_ENV_PYTHON; set that to use another env, or KTENV_TEST_SKIP_ENV=1
+    to skip those tests (each says why).
+    """
+    if os.environ.get("KTENV_TEST_ENV_PYTHON") or os.environ.get("KTENV_TEST_SKIP_ENV"):
+        return
+    prefix = REPO / ".envs" / "sm90"
+    p = subprocess.run([sys.executable, str(REPO / "build.py"), "env", "--arch", "sm90", "--prefix", str(prefix)],
+                       capture_output=True, text=True, cwd=REPO)
+    if p.returncode == 0:
+        os.environ["KTENV_TEST_ENV_PYTHON"] = str(prefix / "bin" / "python")
+    else:
+        os.environ["KTENV_TEST_ENV_ERROR"] = (p.stderr or p.stdout).strip()[-500:]
+
+
+def stack_python() -> Path | None:
+    """The real stack env's python, or None (then `stack_skip_reason()` says why)."""
+    py = os.environ.get("KTENV_TEST_ENV_PYTHON")
+    return Path(py) if py and Path(py).exists() else None
+
+
+def stack_skip_reason() -> str:
+    err = os.environ.get("KTENV_TEST_ENV_ERROR")
+    if err:
+        return f"the test env (.envs/sm90) could not be built: {err}"
+    return "no real stack env (KTENV_TEST_SKIP_ENV is set, or KTENV_TEST_ENV_PYTHON points nowhere)"
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -1,7 +1,7 @@
 """ktkernel: variant choice, build settings, prebuilt verification, source builds.
 
 Environment knobs (each test that needs one skips, naming it, when it is absent):
-  KTENV_TEST_ENV_PYTHON  python of a real 0.7.2 stack env (default /tmp/ktenv-stack/bin/python)
+  KTENV_TEST_ENV_PYTHON  python of a real 0.7.2 stack env (conftest builds .envs/sm90 and sets it)
   KTENV_KT_SOURCE        a ktransformers checkout with third_party/pybind11 and llama.cpp filled in
   KTENV_KT_CACHE         where source-build tests keep wheels between runs (default /tmp/ktenv-kt-cache)
 """
@@ -22,7 +22,7 @@ from ktenv import hostinfo, ktkernel
 from ktenv.errors import KtenvError
 
 FIX = Path(__file__).parent / "fixtures"
-ENV_PYTHON = os.environ.get("KTENV_TEST_ENV_PYTHON", "/tmp/ktenv-stack/bin/python")
+ENV_PYTHON = os.environ.get("KTENV_TEST_ENV_PYTHON", "/nonexistent/ktenv-test-env/bin/python")
 KT_SOURCE = os.environ.get("KTENV_KT_SOURCE")
 KT_CACHE = Path(os.environ.get("KTENV_KT_CACHE", "/tmp/ktenv-kt-cache"))
 

@@ -17,7 +17,8 @@ from ktenv.errors import KtenvError, SpecError
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures" / "doctor"
 GOLDEN = FIX / "launch"
-STACK = Path("/tmp/ktenv-stack")
+# The real sglang-kt 0.7.2 env conftest builds (.envs/sm90), or wherever KTENV_TEST_ENV_PYTHON points.
+STACK = Path(os.environ.get("KTENV_TEST_ENV_PYTHON", "/nonexistent/bin/python")).parent.parent
 MODEL = "/models/DeepSeek-V4-Flash"
 UPDATE = os.environ.get("KTENV_UPDATE_GOLDEN") == "1"
 
@@ -368,7 +369,7 @@ def test_exec_replaces_ktenv_with_the_env_python(model, tmp_path):
 def test_exec_real_sglang_server_starts(model, tmp_path):
     """The real sglang-kt 0.7.2 launch_server, exec'd by ktenv, gets as far as this GPU-less host allows."""
     if not (STACK / "bin" / "python").exists():
-        pytest.skip(f"{STACK} absent: needs the real sglang-kt 0.7.2 env")
+        pytest.skip(f"{STACK} absent: needs the real sglang-kt 0.7.2 env (KTENV_TEST_ENV_PYTHON)")
     p = _cli(["launch", "--arch", "sm90", "--model", str(model), "--prefix", str(STACK)],
              KTENV_HOST_RECORDING=str(FIX / "h100"), PATH=os.environ["PATH"])
     assert p.returncode != 0
