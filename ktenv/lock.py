@@ -52,7 +52,7 @@ def _offline_departures(target: Path, res) -> list:
     try:
         old = lockfile.read(target).departures
     except KtenvError:
-        raise KtenvError("An offline lock needs an earlier lock of the same arch to take the departure list from; rerun without --offline.") from None
+        raise KtenvError("An offline lock needs an earlier lock of the same arch to take the departure list from (each package's declared requirements come from the index). Rerun without --offline.") from None
     pins = {e.name: e.version for e in res.entries}
     kept = []
     for d in old:

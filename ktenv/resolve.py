@@ -8,6 +8,8 @@ kept per Python with a `python_version` marker.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -23,7 +25,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from .errors import ResolveError
-from .index import Index
+from .index import Index, cache_dir
 from .rules import Inputs
 from .spec import Spec
 
@@ -73,8 +75,31 @@ class Resolution:
 
 # --- lockstep --------------------------------------------------------------
 
-def pick_lockstep(group: dict, inputs: Inputs, index: Index | None, previous: dict[str, str]) -> str:
-    """The newest version every package of the group published before the cut-off."""
+def _lockstep_cache(group: dict, inputs: Inputs) -> Path:
+    key = json.dumps([inputs.index_url, group["packages"], group["spec"], inputs.exclude_newer], separators=(",", ":"))
+    return cache_dir() / "lockstep" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+
+def pick_lockstep(group: dict, inputs: Inputs, index: Index | None, previous: dict[str, str], refresh: bool = False) -> str:
+    """The newest version every package of the group published before the cut-off.
+
+    What was published before a past cut-off does not change (short of a
+    yank), so the answer is cached per (index, packages, spec, cut-off);
+    `--upgrade` asks the index again.
+    """
+    cached = _lockstep_cache(group, inputs)
+    if not refresh and cached.exists():
+        return json.loads(cached.read_text())["version"]
+    version = _pick_lockstep(group, inputs, index, previous)
+    if index is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": version, "packages": group["packages"], "spec": group["spec"]}))
+        tmp.replace(cached)
+    return version
+
+
+def _pick_lockstep(group: dict, inputs: Inputs, index: Index | None, previous: dict[str, str]) -> str:
     spec = SpecifierSet(group["spec"])
     names = group["packages"]
     if index is None:
@@ -290,15 +315,8 @@ def resolve(
     if not offline and index is None:
         index = Index(inputs.index_url)
     lockstep: dict[str, str] = {}
-    if index is not None and not offline:
-        # The index pages are the only network round-trips ktenv adds to uv's: overlap them.
-        from concurrent.futures import ThreadPoolExecutor
-
-        names = [n for g in inputs.lockstep for n in g["packages"]]
-        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            list(pool.map(index.files, names))
     for group in inputs.lockstep:
-        version = pick_lockstep(group, inputs, None if offline else index, previous_lockstep or {})
+        version = pick_lockstep(group, inputs, None if offline else index, previous_lockstep or {}, refresh=upgrade)
         for n in group["packages"]:
             lockstep[n] = version
     with tempfile.TemporaryDirectory(prefix="ktenv-resolve-") as tmp:
