@@ -59,6 +59,8 @@ def main() -> int:
                     help="also time AVX2MXFP4_MOE inside the AVX512/AMX variants")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    # absolute, not resolved: a venv's python must keep its venv path
+    args.python = os.path.abspath(args.python)
     args.qlen = args.qlen or [1, 32]
 
     cpu = hostinfo.cpu_info()
