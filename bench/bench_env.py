@@ -37,11 +37,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("KTENV_CACHE_DIR", "/tmp/ktenv-test-cache")
 
-from ktenv import materialize  # noqa: E402
+from ktenv import materialize, tools  # noqa: E402
 
 
 def raw_sync(lock_dir: Path, where: Path) -> float:
-    uv = materialize.uv_bin()
+    uv = tools.uv_bin()
     env = materialize._uv_env()
     t0 = time.monotonic()
     subprocess.run([uv, "venv", "-q", "--python-preference", "only-system", "--python", "3.11", str(where)], check=True, env=env)

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ktenv import lockfile, rules, spec as specmod  # noqa: E402
-from ktenv.resolve import uv_bin, uv_env  # noqa: E402
+from ktenv.resolve import uv_env  # noqa: E402
+from ktenv.tools import uv_bin  # noqa: E402
 
 
 def raw_uv(inputs, lockstep: dict[str, str], work: Path) -> float:

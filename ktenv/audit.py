@@ -32,9 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import launch, payload
+from . import launch
 from . import spec as specmod
 from .errors import KtenvError
+from .tools import cache_dir, uv_bin
 
 PROBE = Path(__file__).parent / "probes" / "audit_probe.py"
 MARK = "KTENV-RESULT "
@@ -85,10 +86,6 @@ def coverage(codes: dict, cc: tuple[int, int]) -> dict:
 
 # --- cuobjdump ---------------------------------------------------------------------
 
-def _cache_base() -> Path:
-    return payload.cache_root().parent  # $KTENV_CACHE_DIR or ~/.cache/ktenv, as the payload cache
-
-
 def _find_in(root: Path) -> Path | None:
     hits = sorted(root.glob("**/nvidia/*/bin/cuobjdump")) + sorted(root.glob("**/nvidia/cuda_cuobjdump/bin/cuobjdump"))
     return hits[0] if hits else None
@@ -108,14 +105,12 @@ def find_cuobjdump(install: bool = True) -> tuple[str, str]:
         found = sorted(Path(entry).glob("nvidia/*/bin/cuobjdump")) if entry else []
         if found:
             return str(found[0]), f"ktenv's environment ({entry})"
-    venv = _cache_base() / "tools" / CUOBJDUMP_REQ.replace("==", "-")
+    venv = cache_dir() / "tools" / CUOBJDUMP_REQ.replace("==", "-")
     hit = _find_in(venv)
     if hit:
         return str(hit), f"tool venv {venv}"
     if not install:
         raise AuditError(f"No cuobjdump: ktenv installs {CUOBJDUMP_REQ} into {venv} on first use.")
-    from .materialize import uv_bin
-
     uv = uv_bin()
     reqs = venv.parent / f"{venv.name}.txt"
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -313,7 +308,7 @@ def audit(arch: specmod.Arch, python: Path, cuobjdump: str | None = None, how: s
     if cuobjdump is None:
         cuobjdump, how = find_cuobjdump()
     version = tool_version(cuobjdump)
-    cache = Cache(cache_path or _cache_base() / "audit" / f"cuobjdump-{version}.json")
+    cache = Cache(cache_path or cache_dir() / "audit" / f"cuobjdump-{version}.json")
     entries, timing = scan(roots, cuobjdump, cache, workers)
     cache.save()
     cc = _cc(arch)

@@ -31,6 +31,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 
 from .errors import KtenvError, LockStale, ResolveError, SpecError
+from .tools import uv_bin
 
 LOCK_FILE = "conda-lock.yml"
 ENV_FILE = "conda-environment.yml"
@@ -517,18 +518,6 @@ def _clear_prefix(prefix: Path) -> None:
         )
 
 
-def _uv() -> str:
-    found = shutil.which("uv")
-    if found:
-        return found
-    try:
-        from uv import find_uv_bin
-
-        return find_uv_bin()
-    except Exception:
-        raise KtenvError("uv is needed to install the PyPI layer: pip install uv.") from None
-
-
 def build_conda_prefix(spec, arch: str, prefix: Path | str, channel_url: str | None = None, progress=print,
                        *, lock_dir: Path | str | None = None, requirements: Path | str | None = None,
                        cache_dir: Path | str | None = None, index_url: str | None = None,
@@ -597,7 +586,7 @@ def build_conda_prefix(spec, arch: str, prefix: Path | str, channel_url: str | N
 
 
 def _uv_sync(python: Path, prefix: Path, requirements: Path, index_url: str | None) -> None:
-    cmd = [_uv(), "pip", "sync", "--python", str(python), "--require-hashes", str(requirements)]
+    cmd = [uv_bin(), "pip", "sync", "--python", str(python), "--require-hashes", str(requirements)]
     if index_url:
         cmd[3:3] = ["--index-url", index_url]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -13,7 +13,6 @@ Declared metadata never changes for a published file, so it is cached on disk.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import urllib.error
 import urllib.request
@@ -21,7 +20,6 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.parser import HeaderParser
-from pathlib import Path
 
 from packaging.utils import (
     InvalidSdistFilename,
@@ -33,14 +31,10 @@ from packaging.utils import (
 from packaging.version import Version
 
 from .errors import ResolveError
+from .tools import cache_dir
 
 JSON_ACCEPT = "application/vnd.pypi.simple.v1+json"
 TIMEOUT = 30
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("KTENV_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "ktenv")
-    return Path(base)
 
 
 @dataclass(frozen=True)

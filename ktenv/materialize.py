@@ -34,7 +34,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -50,6 +49,7 @@ from pathlib import Path
 
 from . import lockfile, patches as patches_mod, payload as payload_mod
 from .errors import KtenvError
+from .tools import cache_dir, uv_bin
 
 STAMP = "ktenv-stamp.json"
 STAMP_FORMAT = 1
@@ -111,14 +111,6 @@ class Progress:
             stop.set()
 
 
-def uv_bin() -> str:
-    try:
-        from uv import find_uv_bin
-    except ImportError:
-        raise KtenvError("ktenv needs the `uv` Python package (pip install uv==0.13.9); it builds envs with uv.") from None
-    return find_uv_bin()
-
-
 try:
     _PRCTL = ctypes.CDLL(None).prctl  # looked up here: the child of a fork must not dlopen
 except (AttributeError, OSError):  # not Linux
@@ -144,10 +136,6 @@ def _run(cmd: list[str], timeout: float | None = None) -> subprocess.CompletedPr
     return subprocess.run(cmd, capture_output=True, text=True, env=_uv_env(), timeout=timeout, preexec_fn=_die_with_parent)
 
 
-def _sha256(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _gb(n: float) -> str:
     return f"{n / GB:.1f} GB"
 
@@ -156,7 +144,7 @@ def _gb(n: float) -> str:
 
 def read_lock(lock_dir: Path) -> lockfile.Lock:
     lock = lockfile.read(Path(lock_dir))
-    actual = _sha256(lock.requirements)
+    actual = lockfile.sha256_file(lock.requirements)
     if actual != lock.requirements_sha256:
         raise KtenvError(
             f"{lock.requirements} does not match the hash lock.toml records for it ({lock.requirements_sha256[:19]}…, "
@@ -345,10 +333,6 @@ def preflight(prefix: Path, python: Path, requirements: Path, cache: Path | None
 
 # ---------------------------------------------------------------- kt-kernel
 
-def _ktenv_cache() -> Path:
-    return Path(os.environ.get("KTENV_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "ktenv")
-
-
 def _host_flags() -> frozenset[str]:
     from .hostinfo import cpu_info
 
@@ -424,7 +408,7 @@ def overlay_wheel(site: Path, wheel: Path, dist_name: str = "kt-kernel") -> dict
                 f"was released against. Check out the matching release in the ktransformers checkout (e.g. `git checkout v{dist.version}`) and rerun."
             )
         tops = sorted({n.split("/")[0] for n in names if ".dist-info/" not in n and ".data/" not in n})
-        result = {"wheel": wheel.name, "wheel_sha256": _sha256(wheel), "version": version, "replaced": tops}
+        result = {"wheel": wheel.name, "wheel_sha256": lockfile.sha256_file(wheel), "version": version, "replaced": tops}
         for top in tops:
             files = {n: z.read(n) for n in names if n.split("/")[0] == top}
             modes = {n: (z.getinfo(n).external_attr >> 16) & 0o777 or 0o644 for n in files}
@@ -456,7 +440,7 @@ def kt_install(env: Path, requirements: Path, kt_source: str | None, target_isa:
         raise KtenvError("This CPU lacks AVX2 and no --target-isa was given: there is no kt-kernel variant to build for it. Pass --target-isa for the machine that will run the server.")
     check_kt_source(requirements, kt_source)
     python = str(env / "bin" / "python")
-    wheel = Path(ktkernel.build_from_source(kt_source, isa, python, _ktenv_cache(), progress))
+    wheel = Path(ktkernel.build_from_source(kt_source, isa, python, cache_dir(), progress))
     result = overlay_wheel(patches_mod.site_packages(env), wheel)
     progress(f"kt-kernel: {', '.join(result['replaced'])} from {wheel.name} (built from {kt_source} for {isa})")
     return {**result, "path": wheel}

@@ -37,6 +37,7 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 
 from .errors import KtenvError
+from .tools import cache_dir
 from .patches import Dist, installed, read_record
 
 MANIFEST = "sgl_kernel/_payload_manifest.py"
@@ -143,8 +144,7 @@ def carriers(site: Path, manifest: Manifest, dists: dict[str, Dist] | None = Non
 
 
 def cache_root() -> Path:
-    base = os.environ.get("KTENV_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ktenv")
-    return Path(base) / "payload"
+    return cache_dir() / "payload"
 
 
 def runtime_dir(site: Path, manifest: Manifest) -> Path:

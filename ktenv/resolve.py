@@ -25,21 +25,10 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from .errors import ResolveError
-from .index import Index, cache_dir
+from .index import Index
 from .rules import Inputs
 from .spec import Spec
-
-
-def uv_bin() -> str:
-    try:
-        from uv import find_uv_bin
-
-        return find_uv_bin()
-    except (ImportError, FileNotFoundError):
-        found = shutil.which("uv")
-        if not found:
-            raise ResolveError("uv is not installed. Run `pip install -e .` (ktenv pins its uv version) and rerun.") from None
-        return found
+from .tools import cache_dir, uv_bin
 
 
 def uv_version() -> str:

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 import conda_channel
-from ktenv import conda
+from ktenv import conda, tools
 from ktenv import spec as specmod
 from ktenv.errors import KtenvError, LockStale, ResolveError, SpecError
 
@@ -360,7 +360,7 @@ def test_pypi_layer_failure_and_hook(spec, url, locked, tmp_path):
 
     def pypi_layer(python, where):
         calls.append((python, where))
-        subprocess.run([conda._uv(), "pip", "sync", "--python", str(python), str(req)], check=True, capture_output=True)
+        subprocess.run([tools.uv_bin(), "pip", "sync", "--python", str(python), str(req)], check=True, capture_output=True)
 
     conda.build_conda_prefix(spec, "sm120", prefix, channel_url=url, progress=lambda *_: None, lock_dir=locked,
                              cache_dir=tmp_path / "cache", pypi_layer=pypi_layer)
@@ -453,7 +453,7 @@ def test_pypi_layer_from_pypi(spec, url, tmp_path):
     lock_dir = tmp_path / "lock"
     conda.lock(spec, "sm89", out_dir=lock_dir, channel_url=url, python=HOST_PY, exclude_newer=None, progress=lambda *_: None)
     (tmp_path / "in.txt").write_text("six==1.17.0\n")
-    subprocess.run([conda._uv(), "pip", "compile", str(tmp_path / "in.txt"), "--generate-hashes", "--python-version", HOST_PY,
+    subprocess.run([tools.uv_bin(), "pip", "compile", str(tmp_path / "in.txt"), "--generate-hashes", "--python-version", HOST_PY,
                     "-q", "-o", str(lock_dir / "requirements.txt")], check=True)
     prefix = conda.build_conda_prefix(spec, "sm89", tmp_path / "env", channel_url=url, progress=lambda *_: None, lock_dir=lock_dir)
     got = subprocess.run([str(prefix / "bin/python"), "-c", "import six, sys; print(six.__version__, sys.prefix)"],

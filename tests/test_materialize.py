@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ktenv import ktkernel, lockfile, materialize
+from ktenv import ktkernel, lockfile, materialize, tools
 from ktenv.errors import KtenvError
 from ktenv.hostinfo import cpu_info
 
@@ -90,7 +90,7 @@ def test_edited_lock_is_refused(tmp_path):
 
 def _absent_python() -> str | None:
     for v in ("3.13", "3.10", "3.9", "3.8"):
-        p = subprocess.run([materialize.uv_bin(), "python", "find", "--python-preference", "only-system", v],
+        p = subprocess.run([tools.uv_bin(), "python", "find", "--python-preference", "only-system", v],
                            capture_output=True, env=materialize._uv_env())
         if p.returncode != 0:
             return v
@@ -222,7 +222,7 @@ def test_env_is_built_and_loads_the_right_kt_kernel(built):
                        capture_output=True, text=True, cwd="/")
     assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == best, p.stderr[-2000:]
     # uv agrees that the env is consistent
-    check = subprocess.run([materialize.uv_bin(), "pip", "check", "--python", str(prefix / "bin/python")], capture_output=True, text=True)
+    check = subprocess.run([tools.uv_bin(), "pip", "check", "--python", str(prefix / "bin/python")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     # the payload sits where sgl_kernel's loader looks
     assert Path(report["payload"]["dir"]).is_relative_to(prefix) and report["payload_check"]["ok"]
