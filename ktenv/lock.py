@@ -73,7 +73,7 @@ def run(args) -> int:
         stale = []
         for a in archs:
             inputs = rules.inputs(spec, a, args.stack, tuple(args.no_rule))
-            d = Path(args.out) if args.out else lockfile.lock_dir(lock_root, a, inputs.stack_version, spec.stack.default)
+            d = _target(args, spec, inputs, lock_root)
             try:
                 lockfile.check(d, inputs)
                 if (d / "conda-lock.yml").exists():
@@ -83,18 +83,10 @@ def run(args) -> int:
                 print(f"{a}: up to date ({d}/)")
             except KtenvError as e:
                 stale.append(e)
-        if stale:
-            for e in stale:
-                print(f"error: {e}", file=sys.stderr)
-            return stale[0].exit_code
-        return 0
+        return _report(stale)
     index = None if args.offline else Index(spec.stack.index_url)
     out = Path(args.out) if args.out else None
     kw = dict(out=out, upgrade=args.upgrade, offline=args.offline, disabled=tuple(args.no_rule), index=index)
-    if len(archs) == 1:
-        lock_one(spec, archs[0], args.stack, lock_root, **kw)
-        _conda(args, spec, archs, lock_root)
-        return 0
     # Archs whose resolver inputs agree share one resolution (they differ in
     # run-time settings only); distinct inputs are resolved in turn.
     shared: dict = {}
@@ -105,11 +97,16 @@ def run(args) -> int:
         except KtenvError as e:
             errors.append(e)
     if errors:
-        for e in errors:
-            print(f"error: {e}", file=sys.stderr)
-        return errors[0].exit_code
+        return _report(errors)
     _conda(args, spec, archs, lock_root)
     return 0
+
+
+def _report(errors: list[KtenvError]) -> int:
+    """Every arch's error, not just the first; the exit code of the first."""
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return errors[0].exit_code if errors else 0
 
 
 def _conda(args, spec, archs, lock_root: Path) -> None:
@@ -119,6 +116,9 @@ def _conda(args, spec, archs, lock_root: Path) -> None:
     from . import conda
 
     for a in archs:
-        inputs = rules.inputs(spec, a, args.stack)
-        d = Path(args.out) if args.out else lockfile.lock_dir(lock_root, a, inputs.stack_version, spec.stack.default)
+        d = _target(args, spec, rules.inputs(spec, a, args.stack), lock_root)
         conda.lock(spec, a, out_dir=d, channel_url=args.channel, stack_version=args.stack)
+
+
+def _target(args, spec, inputs, lock_root: Path) -> Path:
+    return Path(args.out) if args.out else lockfile.lock_dir(lock_root, inputs.arch, inputs.stack_version, spec.stack.default)
