@@ -45,6 +45,25 @@ def stack_skip_reason() -> str:
     return "no real stack env (KTENV_TEST_SKIP_ENV is set, or KTENV_TEST_ENV_PYTHON points nowhere)"
 
 
+def sync_raw_env(dest: Path, arch: str = "sm90") -> Path:
+    """A plain `uv venv` + `uv pip sync` of lock/<arch> at dest: no ktenv patches, no payload.
+
+    For tests that show what ktenv's own steps change. Skips (with uv's reason)
+    when the lock is absent or cannot be synced.
+    """
+    from ktenv.tools import uv_bin
+
+    lock_dir = REPO / "lock" / arch
+    if not (lock_dir / "requirements.txt").exists():
+        pytest.skip(f"lock/{arch} is not committed yet")
+    subprocess.run([uv_bin(), "venv", "-q", "--python-preference", "only-system", "--python", "3.11", str(dest)], check=True)
+    p = subprocess.run([uv_bin(), "pip", "sync", "-q", "--require-hashes", "--python", str(dest / "bin/python"),
+                        str(lock_dir / "requirements.txt")], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"could not sync lock/{arch} (network or uv cache): {p.stderr[-300:]}")
+    return dest
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -20,6 +20,9 @@ import pytest
 
 from ktenv import lockfile, patches
 from ktenv.patches import PatchError
+from ktenv.tools import uv_bin
+
+from conftest import sync_raw_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -256,24 +259,11 @@ def test_a_shared_file_entry_accepts_a_known_overlap(tmp_path):
 
 # ---------------------------------------------------------------- a real env
 
-def _uv() -> str:
-    from uv import find_uv_bin
-
-    return find_uv_bin()
-
-
 @pytest.fixture(scope="module")
 def synced_env(tmp_path_factory):
-    lock_dir = REPO / "lock" / "sm90"
-    if not (lock_dir / "requirements.txt").exists():
-        pytest.skip("lock/sm90 is not committed yet")
-    env = tmp_path_factory.mktemp("patched") / "env"
-    subprocess.run([_uv(), "venv", "-q", "--python-preference", "only-system", "--python", "3.11", str(env)], check=True)
-    p = subprocess.run([_uv(), "pip", "sync", "-q", "--require-hashes", "--python", str(env / "bin/python"), str(lock_dir / "requirements.txt")],
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"could not sync lock/sm90 (network or uv cache): {p.stderr[-300:]}")
-    yield env, lockfile.read(lock_dir)
+    # Its own env: the test patches it, and test_payload needs an unpatched one.
+    env = sync_raw_env(tmp_path_factory.mktemp("patched") / "env")
+    yield env, lockfile.read(REPO / "lock" / "sm90")
     shutil.rmtree(env.parent, ignore_errors=True)  # ~10 GB of (mostly hard-linked) files
 
 
@@ -281,7 +271,7 @@ def synced_env(tmp_path_factory):
 @pytest.mark.network
 def test_uv_pip_check_is_clean_only_after_patching(synced_env):
     env, lock = synced_env
-    check = [_uv(), "pip", "check", "--python", str(env / "bin/python")]
+    check = [uv_bin(), "pip", "check", "--python", str(env / "bin/python")]
     before = subprocess.run(check, capture_output=True, text=True)
     assert before.returncode != 0
     assert "`sglang-kt` requires `flashinfer-python==0.6.3`, but `0.6.11.post3` is installed" in before.stdout + before.stderr

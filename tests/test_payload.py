@@ -22,6 +22,8 @@ import pytest
 from ktenv import patches, payload
 from ktenv.payload import PayloadError
 
+from conftest import sync_raw_env
+
 from test_patches import make_dist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,23 +174,9 @@ def test_manifest_is_read_without_importing(tmp_path):
 
 # ---------------------------------------------------------------- the real payload
 
-def _uv() -> str:
-    from uv import find_uv_bin
-
-    return find_uv_bin()
-
-
 @pytest.fixture(scope="module")
 def real_env(tmp_path_factory):
-    lock_dir = REPO / "lock" / "sm90"
-    if not (lock_dir / "requirements.txt").exists():
-        pytest.skip("lock/sm90 is not committed yet")
-    env = tmp_path_factory.mktemp("payload") / "env"
-    subprocess.run([_uv(), "venv", "-q", "--python-preference", "only-system", "--python", "3.11", str(env)], check=True)
-    p = subprocess.run([_uv(), "pip", "sync", "-q", "--require-hashes", "--python", str(env / "bin/python"), str(lock_dir / "requirements.txt")],
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"could not sync lock/sm90 (network or uv cache): {p.stderr[-300:]}")
+    env = sync_raw_env(tmp_path_factory.mktemp("payload") / "env")
     yield env
     shutil.rmtree(env.parent, ignore_errors=True)  # ~10 GB of (mostly hard-linked) files
 
