@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,17 @@ def b64_digest(data: bytes) -> str:
 def read_record(dist: Dist) -> list[list[str]]:
     with open(dist.dist_info / "RECORD", newline="") as f:
         return [row for row in csv.reader(f) if row]
+
+
+def record_entries(dists) -> Iterator[tuple[Dist, str, str]]:
+    """(distribution, normalised path, recorded hash) for every RECORD row; dists without a RECORD are passed over."""
+    for dist in dists:
+        try:
+            rows = read_record(dist)
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            yield dist, os.path.normpath(row[0]), row[1] if len(row) > 1 else ""
 
 
 def _write_replacing(path: Path, data: bytes, mode: int | None = None) -> None:
@@ -453,16 +465,10 @@ def shared_files(site: Path, dists: dict[str, Dist] | None = None) -> list[dict]
     """
     dists = dists if dists is not None else installed(site)
     owners: dict[str, list[tuple[str, str]]] = {}
-    for dist in dists.values():
-        try:
-            rows = read_record(dist)
-        except FileNotFoundError:
+    for dist, path, digest in record_entries(dists.values()):
+        if path.endswith(".pyc") or ".dist-info/" in path:
             continue
-        for row in rows:
-            path = os.path.normpath(row[0])
-            if path.endswith(".pyc") or ".dist-info/" in path:
-                continue
-            owners.setdefault(path, []).append((dist.name, row[1] if len(row) > 1 else ""))
+        owners.setdefault(path, []).append((dist.name, digest))
     out = []
     for path, who in sorted(owners.items()):
         if len(who) > 1 and len({h for _, h in who}) > 1:

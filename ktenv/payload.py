@@ -38,7 +38,7 @@ from packaging.utils import canonicalize_name
 
 from .errors import KtenvError
 from .tools import cache_dir
-from .patches import Dist, installed, read_record
+from .patches import Dist, installed, record_entries
 
 MANIFEST = "sgl_kernel/_payload_manifest.py"
 PART = "payload.part"
@@ -92,16 +92,10 @@ def read_manifest(site: Path) -> Manifest | None:
 def _owners(site: Path, dists: dict[str, Dist], top_levels: set[str]) -> dict[str, Dist]:
     """Which distribution's RECORD lists each of the given top-level names / paths."""
     out = {}
-    for dist in dists.values():
-        try:
-            rows = read_record(dist)
-        except FileNotFoundError:
-            continue
-        for row in rows:
-            path = os.path.normpath(row[0])
-            for t in top_levels:
-                if t not in out and (path == t or path.startswith(t + "/")):
-                    out[t] = dist
+    for dist, path, _ in record_entries(dists.values()):
+        for t in top_levels:
+            if t not in out and (path == t or path.startswith(t + "/")):
+                out[t] = dist
     return out
 
 
