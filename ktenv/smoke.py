@@ -78,9 +78,16 @@ PATH_NEEDS = {
         "required": False, "fallback": "sglang's Triton sparse-MLA decode",
         "symbols": ["flashinfer.mla._sparse_mla_sm120:_sparse_mla_sm120_paged_attention",
                     "flashinfer.mla._sparse_mla_sm120:_DECODE_MAX_TOKENS"]},
+    # Hopper: deepseek_v4_backend_radix.py imports flash_mla for every batch's
+    # metadata and debug_flash_mla_adapter.py decodes through it on (9, 0); no fallback.
     ("sparse_mla", "flash_mla"): {
-        "required": False, "fallback": "sglang's Triton sparse-MLA decode",
-        "symbols": ["flash_mla.flash_mla_interface:FlashMLASchedMeta"]},
+        "required": True,
+        "symbols": ["flash_mla:get_mla_metadata", "flash_mla:flash_mla_with_kvcache",
+                    "flash_mla.flash_mla_interface:FlashMLASchedMeta"],
+        "remedy": ("sglang-kt imports flash_mla on compute capability 9.0 for every prefill, decode and CUDA-graph "
+                   "capture and has no fallback there, so this env cannot serve DeepSeek-V4 on Hopper. No usable "
+                   "wheel is on PyPI: build it into the env with `build.py env --arch sm90 --flash-mla-source PATH` "
+                   "(a FlashMLA checkout at the commit envs/sm90.toml [flash_mla] names).")},
 }
 
 
@@ -314,9 +321,9 @@ def _flashinfer(ctx: Context) -> list[Result]:
             why = "; ".join(f"{s}: {w}" for s, w in missing.items())
             if low:
                 why = f"flashinfer {py} < {need['min_flashinfer']}, which sglang-kt refuses for this path; " + why
-            out.append(Result("import", name, FAILED, why[:1200],
+            out.append(Result("import", name, FAILED, why[:1200], need.get("remedy") or (
                               f"{ctx.arch.name}'s {key} runs through {path}; without these the model cannot load. "
-                              "Rebuild the env from a lock made with envs/ as it is (see `build.py explain`)."))
+                              "Rebuild the env from a lock made with envs/ as it is (see `build.py explain`).")))
         else:
             out.append(Result("import", name, PASSED,
                               f"not available here ({next(iter(missing.values()))[:200]}); sglang-kt falls back to "

@@ -76,6 +76,9 @@ class Arch:
     drop: tuple[str, ...] = ()
     env: dict = field(default_factory=dict)
     launch: dict = field(default_factory=dict)
+    # The [flash_mla] table (sm90): the FlashMLA revision ktenv builds and why;
+    # validated by ktenv.build.flash_mla.pin_for, which is its only reader.
+    flash_mla: dict = field(default_factory=dict)
 
     @property
     def sm_number(self) -> int:
@@ -234,7 +237,7 @@ ARCH_KEYS = {"name", "title", "compute_capability", "supported", "validated", "m
 
 def _load_arch(path: Path) -> Arch:
     data = _read(path)
-    _check_keys(path, data, {"arch", "env", "launch", "conda", "nix"}, "the top level")
+    _check_keys(path, data, {"arch", "env", "launch", "conda", "nix", "flash_mla"}, "the top level")
     a = _need(path, data, "arch", dict, "the file")
     _check_keys(path, a, ARCH_KEYS, "[arch]")
     name = _need(path, a, "name", str, "[arch]")
@@ -269,6 +272,7 @@ def _load_arch(path: Path) -> Arch:
         drop=tuple(canonicalize_name(p) for p in pkgs.get("drop", ())),
         env=data.get("env", {}),
         launch=data.get("launch", {}),
+        flash_mla=data.get("flash_mla", {}),
     )
 
 

@@ -1,0 +1,532 @@
+"""flash_mla for Hopper: FlashMLA's SM90 kernels, built from a pinned revision and installed into an env.
+
+On compute capability 9.0 sglang-kt 0.7.2 imports flash_mla for every batch's
+DeepSeek-V4 attention metadata and decodes through it, with no fallback; no
+wheel on PyPI fits the stack's torch and CUDA (envs/sm90.toml [flash_mla] says
+which revision and why). So ktenv builds one, the way it builds kt-kernel:
+
+  check      the checkout is the pinned revision: git's object ids of setup.py,
+             csrc/ and flash_mla/ computed from the files on disk, so an archive
+             without .git is identified as well, and a local edit is refused;
+             CUTLASS headers at the submodule's commit, the same way; the env's
+             python, torch and setuptools; a toolkit (`cuda_home`, found by the
+             toolchain stage) whose nvcc major is torch's CUDA major and whose
+             version is at least the pin's min_cuda, compiling a test kernel for
+             sm_90a with the host compiler. Every problem is reported, one
+             sentence each, before anything is built.
+  build      FlashMLA's own setup.py, run from a staged copy of the checked
+             files (the checkout is never written to) with FLASH_MLA_DISABLE_SM100,
+             so only sm_90a is compiled; no GPU is needed. Its two git calls
+             (`submodule update`, which would go to the network, and the
+             `rev-parse` that names the version) are answered by a shim so the
+             wheel is `1.0.0+<short commit>`, as upstream's own build names it.
+  cache      <cache>/flash-mla/<key>/ by commit, CUTLASS commit, setup env,
+             python, torch, torch's CUDA, nvcc and host compiler versions.
+  audit      cuobjdump (the pinned nvidia-cuda-cuobjdump) must list exactly
+             the pin's SASS (sm_90a) in the extension.
+  install    `uv pip install --no-deps` into the env, then a probe imports it
+             and checks the calls sglang-kt makes exist.
+
+Public API:
+  Pin, pin_for(arch) -> Pin | None
+  tree_id(path, gitlinks=None) -> str | None
+  check_source(source, pin) -> dict                  raises KtenvError
+  find_cutlass(source, pin, cutlass=None) -> Path    raises KtenvError
+  check_prerequisites(source, python, cuda_home, pin, cutlass=None) -> list[str]
+  build_wheel(source, python, cuda_home, pin, cache, progress=print, cutlass=None, jobs=None) -> Path
+  install(env_python, wheel) -> dict                 the stamp entry, after a verified import
+  provide(env_python, source, cuda_home, pin, ...) -> dict   all of the above
+  missing_message(arch, pin, stack=None) -> str      what an env without flash_mla says
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+from ..errors import KtenvError, SpecError
+from ..tools import uv_bin
+
+PROBE = Path(__file__).resolve().parent.parent / "probes" / "flash_mla_probe.py"
+MARK = "KTENV-RESULT "
+MIN_SETUPTOOLS = (70, 1)  # bdist_wheel is built into setuptools from 70.1; the env has no `wheel`
+# Files upstream's .gitignore names (build output, caches) are not source: a
+# checkout someone built in place must still be recognised.
+_IGNORED = re.compile(r"^(\.git|build|dist|__pycache__|\.cache|\.vscode|\.clangd|compile_commands\.json)$"
+                      r"|\.(so|pyc|png|egg-info)$|perf\.csv$")
+_STEP = re.compile(r"^\[(\d+)/(\d+)\]\s")
+
+
+@dataclass(frozen=True)
+class Pin:
+    commit: str
+    trees: dict
+    min_cuda: str
+    build_env: dict
+    sass: tuple
+    cutlass_commit: str
+    cutlass_trees: dict
+    repository: str
+    cutlass_repository: str
+    required: bool
+    reason: str
+    source: Path
+
+    @property
+    def short(self) -> str:
+        return self.commit[:7]
+
+
+def pin_for(arch) -> Pin | None:
+    """The arch's [flash_mla] table, checked; None when the arch has none."""
+    t, path = arch.flash_mla, arch.source
+    if not t:
+        return None
+    c = t.get("cutlass") or {}
+    want = {"required": bool, "reason": str, "repository": str, "commit": str, "trees": dict,
+            "min_cuda": str, "build_env": dict, "sass": list}
+    for key, kind in want.items():
+        if not isinstance(t.get(key), kind):
+            raise SpecError(f"{path}: [flash_mla].{key} must be a {kind.__name__}; ktenv cannot build flash_mla without it.")
+    for key in ("repository", "commit", "trees"):
+        if not c.get(key):
+            raise SpecError(f"{path}: [flash_mla.cutlass].{key} is missing; it pins the CUTLASS headers FlashMLA compiles against.")
+    for name, value in [("commit", t["commit"]), ("cutlass.commit", c["commit"])] + list(t["trees"].items()) \
+            + list(c["trees"].items()):
+        if not re.fullmatch(r"[0-9a-f]{40}", str(value)):
+            raise SpecError(f"{path}: [flash_mla] {name} = {value!r} is not a 40-digit git object id.")
+    return Pin(t["commit"], dict(t["trees"]), t["min_cuda"], {k: str(v) for k, v in t["build_env"].items()},
+               tuple(t["sass"]), c["commit"], dict(c["trees"]), t["repository"], c["repository"], t["required"],
+               " ".join(t["reason"].split()), path)
+
+
+# --- what the source is ------------------------------------------------------------
+
+def _blob_id(data: bytes) -> bytes:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).digest()
+
+
+def tree_id(path: str | Path, gitlinks: Mapping[str, str] | None = None) -> str | None:
+    """git's object id for this directory (or file) as it is on disk; None for an empty directory.
+
+    gitlinks: {name: commit} entries of this directory that are submodules;
+    they stand as git records them, whatever is checked out there.
+    """
+    p = Path(path)
+    if p.is_file():
+        return _blob_id(p.read_bytes()).hex()
+    raw = _tree(p, dict(gitlinks or {}))
+    return raw.hex() if raw else None
+
+
+def _tree(d: Path, gitlinks: dict) -> bytes | None:
+    # A submodule is recorded by its commit whether or not (or whatever) it is checked out.
+    entries = [(name, b"160000", bytes.fromhex(commit)) for name, commit in gitlinks.items()]
+    for e in os.scandir(d):
+        if _IGNORED.search(e.name) or e.name in gitlinks:
+            continue
+        if e.is_symlink():
+            entries.append((e.name, b"120000", _blob_id(os.readlink(e.path).encode())))
+        elif e.is_dir():
+            sub = _tree(Path(e.path), {})
+            if sub:  # git has no empty directories
+                entries.append((e.name + "/", b"40000", sub))
+        else:
+            mode = b"100755" if e.stat().st_mode & 0o100 else b"100644"
+            entries.append((e.name, mode, _blob_id(Path(e.path).read_bytes())))
+    if not entries:
+        return None
+    body = b"".join(m + b" " + n.rstrip("/").encode() + b"\0" + h for n, m, h in sorted(entries))
+    return hashlib.sha1(b"tree %d\0" % len(body) + body).digest()
+
+
+def _git_head(path: Path) -> str | None:
+    try:
+        r = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 and (path / ".git").exists() else None
+
+
+def check_source(source: str | Path, pin: Pin) -> dict:
+    """Refuse anything but the pinned FlashMLA sources; returns how it was identified."""
+    src = Path(source).resolve()
+    if not (src / "setup.py").is_file() or not (src / "flash_mla" / "flash_mla_interface.py").is_file():
+        raise KtenvError(f"--flash-mla-source {src} is not a FlashMLA checkout (no setup.py and flash_mla/"
+                         f"flash_mla_interface.py). Clone {pin.repository} and pass its root directory.")
+    cutlass_link = {"cutlass": pin.cutlass_commit}
+    found = {rel: tree_id(src / rel, cutlass_link if rel == "csrc" else None) for rel in pin.trees}
+    differ = sorted(rel for rel, want in pin.trees.items() if found.get(rel) != want)
+    head = _git_head(src)
+    if not differ:
+        return {"commit": pin.commit, "identified_by": "git HEAD" if head == pin.commit else "file contents",
+                "path": str(src)}
+    fix = (f"`git -C {src} fetch origin && git -C {src} checkout {pin.commit}`, then "
+           f"`git -C {src} submodule update --init csrc/cutlass`")
+    if head and head != pin.commit:
+        raise KtenvError(f"The FlashMLA checkout {src} is at commit {head[:12]}, but ktenv builds {pin.commit[:12]}: "
+                         f"the revision with the SM90 kernels and the V4 KV-cache interface that sglang-kt calls "
+                         f"({pin.source.name} [flash_mla] says why). Check it out with {fix}; nothing was built.")
+    if head:
+        raise KtenvError(f"The FlashMLA checkout {src} is at the pinned commit {pin.commit[:12]} but has local changes "
+                         f"in {', '.join(differ)}. ktenv builds the pinned sources unchanged; stash or revert them "
+                         f"(`git -C {src} status`), or use a clean checkout; nothing was built.")
+    raise KtenvError(f"The files of {src} ({', '.join(differ)}) are not those of FlashMLA commit {pin.commit[:12]}, "
+                     f"which ktenv builds ({pin.source.name} [flash_mla] says why). Use a checkout of that commit: "
+                     f"`git clone {pin.repository}` and {fix}; nothing was built.")
+
+
+def find_cutlass(source: str | Path, pin: Pin, cutlass: str | Path | None = None) -> Path:
+    """The CUTLASS directory to compile against: `cutlass`, else the checkout's csrc/cutlass, at the pinned commit."""
+    where = Path(cutlass).resolve() if cutlass else Path(source).resolve() / "csrc" / "cutlass"
+    how = f"--cutlass-source {where}" if cutlass else f"{where} (FlashMLA's submodule)"
+    if not (where / "include" / "cutlass" / "cutlass.h").is_file():
+        hint = ("" if cutlass else f" It is empty in archives and in clones without submodules: run "
+                f"`git -C {Path(source).resolve()} submodule update --init csrc/cutlass`, or pass --cutlass-source")
+        raise KtenvError(f"No CUTLASS headers at {how} (no include/cutlass/cutlass.h).{hint or ' Pass'} a checkout of "
+                         f"{pin.cutlass_repository} at commit {pin.cutlass_commit[:12]}, the one FlashMLA "
+                         f"{pin.short} pins (PyPI's nvidia-cutlass is an older release).")
+    differ = sorted(rel for rel, want in pin.cutlass_trees.items() if tree_id(where / rel) != want)
+    if differ:
+        head = _git_head(where)
+        at = f" (it is at {head[:12]})" if head else ""
+        raise KtenvError(f"The CUTLASS headers at {how}{at} differ in {', '.join(differ)} from commit "
+                         f"{pin.cutlass_commit[:12]}, which FlashMLA {pin.short} pins; its kernels are written against "
+                         f"exactly those headers. Check that commit out there (`git submodule update --init "
+                         f"csrc/cutlass` in the FlashMLA checkout does it); nothing was built.")
+    return where
+
+
+# --- the env and the toolkit ---------------------------------------------------------
+
+def _probe(python: str, mode: str, timeout: float = 300) -> dict:
+    try:
+        p = subprocess.run([os.path.abspath(python), str(PROBE), mode], capture_output=True, text=True, timeout=timeout,
+                           cwd=tempfile.gettempdir())
+    except FileNotFoundError:
+        raise KtenvError(f"The environment's python {python} does not exist; build the environment first.") from None
+    except subprocess.TimeoutExpired:
+        raise KtenvError(f"The flash_mla probe ({mode}) did not finish within {timeout:.0f} s with {python}.") from None
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    raise KtenvError(f"The flash_mla probe ({mode}) printed no result with {python} (exit {p.returncode}). "
+                     f"stderr ends: {p.stderr.strip()[-600:]}")
+
+
+def _vtuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def nvcc_version(cuda_home: str | Path) -> str | None:
+    """'12.8' for a toolkit whose nvcc says 'release 12.8'; None when there is no working nvcc."""
+    try:
+        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def _try_compile(cuda_home: Path, env: Mapping[str, str]) -> str | None:
+    """Compile a one-line kernel for sm_90a with C++20, as FlashMLA's build will; the error, or None."""
+    with tempfile.TemporaryDirectory(prefix="ktenv-flashmla-") as d:
+        cu = Path(d, "t.cu")
+        cu.write_text("#include <cuda_fp8.h>\n__global__ void k(float* x) { x[threadIdx.x] += 1.f; }\n")
+        cmd = [str(cuda_home / "bin" / "nvcc"), "-std=c++20", "-gencode", "arch=compute_90a,code=sm_90a",
+               "-c", str(cu), "-o", str(Path(d, "t.o"))]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, env=dict(env), timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return str(e)
+        return None if p.returncode == 0 else " ".join((p.stderr or p.stdout).split())[-500:]
+
+
+def check_prerequisites(source: str | Path, python: str, cuda_home: str | Path | None, pin: Pin,
+                        cutlass: str | Path | None = None, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Everything a build needs, one sentence per missing thing; [] when it can start."""
+    problems: list[str] = []
+    for check in (lambda: check_source(source, pin), lambda: find_cutlass(source, pin, cutlass)):
+        try:
+            check()
+        except KtenvError as e:
+            problems.append(str(e))
+    facts: dict = {}
+    try:
+        facts = _probe(python, "facts")
+    except KtenvError as e:
+        problems.append(str(e))
+    torch_cuda = facts.get("torch_cuda")
+    if facts and facts.get("torch_error"):
+        problems.append(f"torch does not import with {python} ({facts['torch_error']}); FlashMLA compiles against the "
+                        "env's torch. Build the env first.")
+    elif facts and not torch_cuda:
+        problems.append(f"The torch in {python} ({facts.get('torch')}) is a CPU build; FlashMLA needs a CUDA build of torch.")
+    if facts and _vtuple(facts.get("setuptools", "0")) < MIN_SETUPTOOLS:
+        problems.append(f"setuptools {facts.get('setuptools', 'is missing')} in {python}: FlashMLA's setup.py needs "
+                        f"setuptools >= {'.'.join(map(str, MIN_SETUPTOOLS))} to write a wheel. Install it there.")
+    if facts and not facts.get("python_h"):
+        problems.append(f"Python.h is missing for {python} ({facts.get('include')}); the extension includes it "
+                        "(Debian: apt install python3-dev).")
+    if facts and not (Path(facts["bin"], "ninja").exists() or shutil.which("ninja")):
+        problems.append(f"ninja is in neither {facts['bin']} nor PATH; torch's extension builder needs it to compile "
+                        "in parallel (and to report progress). Install ninja into the env.")
+    version = None
+    if cuda_home is None:
+        problems.append(f"No CUDA toolkit was found whose major version matches torch's CUDA {torch_cuda or '?'} and "
+                        f"that is at least {pin.min_cuda}; FlashMLA's SM90 V4 kernels need it to compile (no GPU "
+                        f"needed). Install CUDA {pin.min_cuda} or newer of that major and point CUDA_HOME at it.")
+    else:
+        version = nvcc_version(cuda_home)
+        if version is None:
+            problems.append(f"{Path(cuda_home) / 'bin' / 'nvcc'} does not exist or does not run; "
+                            f"CUDA_HOME={cuda_home} is not a usable CUDA toolkit.")
+        elif torch_cuda and _vtuple(version)[0] != _vtuple(torch_cuda)[0]:
+            problems.append(f"nvcc {version} ({cuda_home}) is CUDA {_vtuple(version)[0]}, but the env's torch is built "
+                            f"for CUDA {torch_cuda}; torch refuses to build extensions with an nvcc of another major "
+                            f"version. Use a CUDA {_vtuple(torch_cuda)[0]}.x toolkit >= {pin.min_cuda}.")
+        elif _vtuple(version) < _vtuple(pin.min_cuda):
+            problems.append(f"nvcc {version} ({cuda_home}) is older than CUDA {pin.min_cuda}, which FlashMLA's SM90 V4 "
+                            f"decode kernel needs (cuda_fp8.h's __nv_fp8_e8m0 type; {pin.source.name} [flash_mla] "
+                            f"min_cuda). Install CUDA {pin.min_cuda} or newer.")
+    if not problems and cuda_home is not None:
+        err = _try_compile(Path(cuda_home), _build_env(environ, Path(cuda_home), None, pin, 1, None))
+        if err:
+            problems.append(f"nvcc {version} ({cuda_home}) cannot compile a C++20 kernel for sm_90a with this host "
+                            f"compiler: {err}. Install a host compiler that nvcc {version} supports (set CC/CXX).")
+    return problems
+
+
+# --- the build ---------------------------------------------------------------------
+
+def env_includes(site: str | Path) -> list[str]:
+    """The env's nvidia-* wheel header dirs (cuBLAS, cuSPARSE, cuSOLVER ...).
+
+    torch's CUDA headers include cusparse.h, cublas_v2.h and cusolverDn.h; a
+    toolkit that has only the compiler (a minimal or PyPI-assembled one) lacks
+    them, while the env's own nvidia-* wheels ship them for torch's CUDA.
+    They go on CPATH, which the compilers search after every -I, so a full
+    toolkit's own headers still win.
+    """
+    return sorted(str(p) for p in Path(site).glob("nvidia/*/include") if p.is_dir())
+
+
+def _build_env(environ: Mapping[str, str] | None, cuda_home: Path, shim: Path | None, pin: Pin, jobs: int,
+               python: str | None, includes: list[str] | None = None) -> dict:
+    env = {k: v for k, v in (os.environ if environ is None else environ).items()
+           if not k.startswith("FLASH_MLA_") and k not in ("TORCH_CUDA_ARCH_LIST", "NVCC_THREADS")}
+    if includes:
+        env["CPATH"] = os.pathsep.join([p for p in (env.get("CPATH"),) if p] + includes)
+    env.update(pin.build_env)
+    env.update(CUDA_HOME=str(cuda_home), MAX_JOBS=str(jobs),
+               # setup.py's default is 32 nvcc threads per file: ~1.5 GB each on these kernels.
+               NVCC_THREADS="1", TORCH_CUDA_ARCH_LIST="9.0a")
+    front = [str(shim)] if shim else []
+    front += [str(cuda_home / "bin")] + ([str(Path(python).parent)] if python else [])
+    env["PATH"] = os.pathsep.join(front + [env.get("PATH", "")])
+    return env
+
+
+def _stage(src: Path, cutlass: Path, pin: Pin, work: Path) -> Path:
+    """A copy of exactly the checked files, with the CUTLASS headers linked in."""
+    stage = work / "src"
+    for rel in pin.trees:
+        a = src / rel
+        if a.is_dir():
+            shutil.copytree(a, stage / rel, symlinks=True,
+                            ignore=lambda d, names: [n for n in names if _IGNORED.search(n) or
+                                                     (Path(d) == src / "csrc" and n == "cutlass")])
+        else:
+            stage.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(a, stage / rel)
+    for rel in pin.cutlass_trees:
+        (stage / "csrc" / "cutlass" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stage / "csrc" / "cutlass" / rel).symlink_to(cutlass / rel)
+    shim = work / "shim"
+    shim.mkdir()
+    (shim / "git").write_text(
+        "#!/bin/sh\n# FlashMLA's setup.py asks git for two things; ktenv answers both (see ktenv/build/flash_mla.py).\n"
+        f'case "$*" in\n  "rev-parse --short HEAD") echo {pin.short} ;;\n'
+        '  "submodule update --init csrc/cutlass") exit 0 ;;\n'
+        '  *) echo "ktenv: unexpected git call during the flash_mla build: git $*" >&2; exit 1 ;;\nesac\n')
+    (shim / "git").chmod(0o755)
+    return stage
+
+
+def _run_logged(cmd: list[str], cwd: Path, env: dict, log: Path, progress: Callable[[str], None],
+                heartbeat: float) -> int:
+    """Run the build; ninja's [n/N] steps to progress, and a line every `heartbeat` s while one compiles."""
+    state = {"step": "starting", "t": time.monotonic()}
+    t0, stop = time.monotonic(), threading.Event()
+
+    def beat():
+        while not stop.wait(heartbeat):
+            progress(f"flash_mla build: still compiling ({time.monotonic() - t0:.0f} s; at {state['step']})")
+
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        with open(log, "w") as fh, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                fh.write(line)
+                m = _STEP.match(line)
+                if m:
+                    unit = re.findall(r"(\S+\.(?:cu|cpp))\b", line)
+                    # ninja's [n/N] counts finished steps; the line names the one it starts now
+                    state["step"] = f"{m.group(1)}/{m.group(2)} done, compiling {Path(unit[-1]).name if unit else '?'}"
+                    progress(f"flash_mla build: {state['step']}")
+            return proc.wait()
+    finally:
+        stop.set()
+
+
+def _cxx_version(env: Mapping[str, str]) -> str | None:
+    cxx = env.get("CXX") or "c++"
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, env=dict(env), timeout=60).stdout
+    except OSError:
+        return None
+    return out.splitlines()[0] if out else None
+
+
+def build_wheel(source: str | Path, python: str, cuda_home: str | Path | None, pin: Pin, cache: str | Path,
+                progress: Callable[[str], None] = print, *, cutlass: str | Path | None = None,
+                jobs: int | None = None, environ: Mapping[str, str] | None = None, heartbeat: float = 60.0) -> Path:
+    """Check, then build (or reuse from the cache) the flash_mla wheel for this env; returns the wheel."""
+    problems = check_prerequisites(source, python, cuda_home, pin, cutlass, environ)
+    if problems:
+        raise KtenvError(f"Cannot build flash_mla from {source}; {len(problems)} prerequisite(s) missing:\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+    src, home = Path(source).resolve(), Path(cuda_home).resolve()  # type: ignore[arg-type]
+    headers = find_cutlass(src, pin, cutlass)
+    facts = _probe(python, "facts")
+    # Each nvcc of these kernels takes 2-4 GB; more jobs than that fits only swaps.
+    jobs = jobs or max(1, min(os.cpu_count() or 1, (os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 4_000_000_000))
+    inputs = {"commit": pin.commit, "cutlass": pin.cutlass_commit, "build_env": pin.build_env, "sass": list(pin.sass),
+              "python": facts["python"], "abi": facts["abi"], "torch": facts["torch"], "torch_cuda": facts["torch_cuda"],
+              "nvcc": nvcc_version(home), "cxx": _cxx_version(environ or os.environ)}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+    entry = Path(cache) / "flash-mla" / key
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time: memory, not CPU, is the limit
+        wheels = sorted(entry.glob("*.whl"))
+        if wheels and (entry / "build.json").exists():
+            progress(f"flash_mla wheel from the cache: {wheels[0]}")
+            return wheels[0]
+        work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
+        work.chmod(0o755)
+        try:
+            stage = _stage(src, headers, pin, work)
+            # CUDA 13 moved CCCL (cuda/std, cub) to include/cccl, which nvcc's profile adds for .cu
+            # files but g++ does not know for the .cpp ones that include CUTLASS.
+            cccl = [str(home / "include" / "cccl")] if (home / "include" / "cccl").is_dir() else []
+            env = _build_env(environ, home, work / "shim", pin, jobs, python, cccl + env_includes(facts["site"]))
+            progress(f"building flash_mla {pin.short} for {', '.join(pin.sass)} with nvcc {inputs['nvcc']} "
+                     f"({jobs} jobs; tens of minutes on a few cores), log: {work / 'build.log'}")
+            code = "import sys\nfrom setuptools import build_meta as b\nprint('KTENV_WHEEL', b.build_wheel(sys.argv[1]))\n"
+            t0 = time.monotonic()
+            rc = _run_logged([python, "-c", code, str(work / "dist")], stage, env, work / "build.log", progress, heartbeat)
+            seconds = round(time.monotonic() - t0, 1)
+            if rc != 0:
+                keep = entry.parent / f"failed-{key}.log"
+                shutil.copy(work / "build.log", keep)
+                errors = [l for l in (work / "build.log").read_text(errors="replace").splitlines() if "error" in l.lower()]
+                raise KtenvError(f"Building flash_mla {pin.short} failed (exit {rc}) after {seconds} s. First errors:\n  "
+                                 + "\n  ".join(errors[:6]) + f"\nFull log: {keep}")
+            built = sorted((work / "dist").glob("*.whl"))
+            if len(built) != 1:
+                raise KtenvError(f"The flash_mla build finished but left {len(built)} wheels in {work / 'dist'}; expected one.")
+            audit = audit_wheel(built[0], pin)
+            meta = {"key": key, "inputs": inputs, "seconds": seconds, "jobs": jobs, "wheel": built[0].name,
+                    "audit": audit, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            shutil.move(str(built[0]), work / built[0].name)
+            (work / "build.json").write_text(json.dumps(meta, indent=1) + "\n")
+            for d in ("src", "dist", "shim"):
+                shutil.rmtree(work / d, ignore_errors=True)
+            if entry.exists():
+                shutil.rmtree(entry)
+            work.rename(entry)  # atomic: a cache entry is complete or absent
+            progress(f"flash_mla wheel built in {seconds} s; SASS {', '.join(audit['sass'])}: {entry / meta['wheel']}")
+            return entry / meta["wheel"]
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def audit_wheel(wheel: str | Path, pin: Pin, cuobjdump: str | None = None) -> dict:
+    """The extension's SASS and PTX must be exactly the pin's SASS list (sm_90a), or KtenvError."""
+    from .. import audit as audit_mod  # the check stage owns cuobjdump; imported here only for this
+
+    tool = cuobjdump or audit_mod.find_cuobjdump()[0]
+    with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory(prefix="ktenv-flashmla-") as d:
+        exts = [n for n in z.namelist() if re.fullmatch(r"flash_mla/cuda[^/]*\.so", n)]
+        if len(exts) != 1:
+            raise KtenvError(f"{Path(wheel).name} has {len(exts)} flash_mla/cuda*.so extensions, not one; it is not a "
+                             "FlashMLA build ktenv knows.")
+        so = Path(z.extract(exts[0], d))
+        codes = audit_mod.list_codes(tool, so)
+    sass, ptx = sorted(codes.get("sass", {})), sorted(codes.get("ptx", {}))
+    if codes.get("error") or sass != sorted(pin.sass) or ptx:
+        raise KtenvError(f"The flash_mla extension in {Path(wheel).name} carries SASS {sass or 'none'} and PTX "
+                         f"{ptx or 'none'}, but ktenv builds exactly SASS {', '.join(pin.sass)} for Hopper "
+                         f"({codes.get('error') or 'check the arch flags in the build log'}).")
+    return {"extension": exts[0], "sass": sass, "ptx": ptx, "cuobjdump": tool}
+
+
+def install(env_python: str, wheel: str | Path) -> dict:
+    """Install the wheel into the env (no dependencies: torch is the env's) and prove it imports."""
+    p = subprocess.run([uv_bin(), "pip", "install", "--python", env_python, "--no-deps", "--no-index", "--reinstall",
+                        str(wheel)], capture_output=True, text=True, timeout=600)
+    if p.returncode:
+        raise KtenvError(f"Installing {Path(wheel).name} into the env of {env_python} failed: {p.stderr.strip()[-800:]}")
+    report = _probe(env_python, "verify")
+    if not report.get("ok"):
+        why = report.get("error") or (f"missing {report.get('missing_kwargs')}, ops {report.get('ops')}, "
+                                      f"metadata {report.get('metadata_type')}")
+        raise KtenvError(f"flash_mla was installed from {Path(wheel).name} but is not what sglang-kt calls: {why}. "
+                         f"{report.get('traceback', '')}")
+    return {k: report.get(k) for k in ("version", "extension", "ops")}
+
+
+def provide(env_python: str, source: str | Path, cuda_home: str | Path | None, pin: Pin, cache: str | Path,
+            progress: Callable[[str], None] = print, *, cutlass: str | Path | None = None,
+            jobs: int | None = None) -> dict:
+    """Build (or reuse), install and verify flash_mla; the dict is the env stamp's `flash_mla` entry."""
+    wheel = build_wheel(source, env_python, cuda_home, pin, cache, progress, cutlass=cutlass, jobs=jobs)
+    installed = install(env_python, wheel)
+    meta = json.loads((wheel.parent / "build.json").read_text())
+    progress(f"flash_mla {installed['version']} installed and imports ({', '.join(installed['ops'] or [])})")
+    return {"path": "source", "commit": pin.commit, "cutlass_commit": pin.cutlass_commit, "wheel": str(wheel),
+            "wheel_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(), "cache_key": meta["key"],
+            "inputs": meta["inputs"], "sass": meta["audit"]["sass"], "built_seconds": meta["seconds"], **installed}
+
+
+def missing_message(arch, pin: Pin | None = None, stack=None) -> str:
+    """What `env --arch sm90` ends with, `launch` refuses with and the import tier names, without flash_mla."""
+    pin = pin or pin_for(arch)
+    release = f"sglang-kt {stack.default}" if stack is not None else "sglang-kt"
+    cuda = f" (CUDA {stack.cuda}, torch {stack.torch_cuda})" if stack is not None else ""
+    commit = pin.commit if pin else "the pinned commit"
+    need = pin.min_cuda if pin else "12.8"
+    return (f"This {arch.name} env cannot serve DeepSeek-V4 on {arch.title}: flash_mla is not installed. {release} "
+            f"imports it on compute capability {arch.compute_capability} whenever it builds attention metadata (every "
+            f"prefill and decode, and CUDA-graph capture) and decodes through it, with no fallback there; no wheel on "
+            f"PyPI fits this stack{cuda}. Provide it by building FlashMLA from source into the env: "
+            f"`build.py env --arch {arch.name} --flash-mla-source PATH`, where PATH is a clone of "
+            f"{pin.repository if pin else 'https://github.com/deepseek-ai/FlashMLA'} at commit {commit} with its "
+            f"csrc/cutlass submodule (`git checkout {commit[:12]} && git submodule update --init csrc/cutlass`), and a "
+            f"CUDA {need}+ toolkit of torch's CUDA major on the machine (the build compiles for sm_90a and needs no GPU).")
