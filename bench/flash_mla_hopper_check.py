@@ -15,7 +15,8 @@ Three caches as in the model: the sliding window (block 128, top-k 128), the
 C4 compressed cache (block 64, top-k 512) and the C128 one (block 2, top-k
 padded to 64). The call passes exactly sglang's input_dict. The reference
 dequantizes the same bytes by the layout above and computes attention with
-the sink in float32. A CUDA graph is captured around a first call (as sglang's
+the sink in float32 (--break-scales writes the scales one tile off and must
+fail every case: the comparison can tell a wrong layout). A CUDA graph is captured around a first call (as sglang's
 graph capture does) and replayed with other lengths. Prints one line per case
 and `name: value` lines last.
 """
@@ -32,6 +33,9 @@ TOKEN_BYTES = NOPE + 2 * ROPE + NOPE // TILE + 1  # 584
 D = NOPE + ROPE  # 512 = d_qk = d_v
 
 
+BREAK_SCALES = False  # --break-scales: write each token's scales one tile off, to show the check catches it
+
+
 def make_cache(num_pages: int, block: int, gen: torch.Generator):
     """Random K (bf16) quantized into sglang-kt's page layout; returns (the kernel's view, K as stored)."""
     k = (torch.randn(num_pages * block, D, generator=gen, device="cuda") * 2).to(torch.bfloat16)
@@ -45,7 +49,7 @@ def make_cache(num_pages: int, block: int, gen: torch.Generator):
     body[:, :, :NOPE] = q8.view(torch.uint8).view(num_pages, block, NOPE)
     body[:, :, NOPE:] = k[:, NOPE:].contiguous().view(torch.uint8).view(num_pages, block, 2 * ROPE)
     scales = buf[:, block * (NOPE + 2 * ROPE): block * TOKEN_BYTES].view(num_pages, block, 8)
-    scales[:, :, :7] = ue8m0.view(num_pages, block, 7)
+    scales[:, :, :7] = ue8m0.view(num_pages, block, 7).roll(1, -1) if BREAK_SCALES else ue8m0.view(num_pages, block, 7)
     # what the kernel reads back, dequantized: K as the cache holds it
     stored = torch.cat([(q8.float().view(-1, 7, TILE) * scale.unsqueeze(-1)).view(-1, NOPE), k[:, NOPE:].float()], -1)
     view = buf[:, : block * TOKEN_BYTES].view(num_pages, block, 1, TOKEN_BYTES)
@@ -141,7 +145,10 @@ def time_decode(flash_mla, h: int, b: int, iters: int, gen: torch.Generator) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--break-scales", action="store_true", help="a deliberately wrong cache layout: must not match")
     args = ap.parse_args()
+    global BREAK_SCALES
+    BREAK_SCALES = args.break_scales
     import flash_mla
 
     cc = torch.cuda.get_device_capability()
@@ -150,7 +157,10 @@ def main() -> int:
         print(f"flash_mla's SM90 kernels need compute capability 9.0, this GPU is {cc}", file=sys.stderr)
         return 2
     gen = torch.Generator(device="cuda").manual_seed(0)
-    ok = all(run_case(flash_mla, h, b, gen, graph) for h in (64, 128) for b in (1, 4) for graph in (False, True))
+    ok = all([run_case(flash_mla, h, b, gen, graph) for h in (64, 128) for b in (1, 4) for graph in (False, True)])
+    if args.break_scales:
+        print(f"broken_layout_detected: {'yes' if not ok else 'no'}")
+        return 0 if not ok else 1
     for h in (64, 128):
         print(f"decode_us_b1_h{h}_swa128_c4_512: {time_decode(flash_mla, h, 1, args.iters, gen):.1f}")
     print(f"flash_mla_v4_calls_match_reference: {'yes' if ok else 'no'}")
