@@ -1,0 +1,1 @@
+"""Serve: the server command sized to the host (launch)."""
