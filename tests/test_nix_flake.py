@@ -251,6 +251,28 @@ def test_uv_wheel_fetches_and_holds_a_static_uv_of_the_pinned_version(tmp_path):
     assert out.startswith(f"uv {uv['version']} ")
 
 
+@pytest.mark.network
+def test_the_shells_uv_build_script_runs(flake, tmp_path):
+    # The shell's uv derivation, read back from the sm120 .drv, run here with
+    # this machine's unzip in place of Nix's builder: it unpacks the real
+    # wheel and its own `uv --version` check passes.
+    version = json.loads(instantiate("--eval", "--json", "-E", f"(import {REPO}/nix/uv.nix).version").stdout)
+    shell = flake_eval(flake, f"devShells.{SYSTEM}.sm120.drvPath")
+    inputs = json.loads(nix("show-derivation", shell).stdout)[shell]["inputDrvs"]
+    uv_drv = next(d for d in inputs if d.endswith(f"-uv-{version}.drv"))
+    shown = json.loads(nix("show-derivation", uv_drv).stdout)[uv_drv]
+    env = shown["env"]
+    fetch = next(d for d in shown["inputDrvs"] if d.endswith(".whl.drv"))
+    subprocess.run([tool("nix-store"), "--realise", fetch], capture_output=True, text=True, timeout=600, check=True)
+    out = tmp_path / "out"
+    work = tmp_path / "build"
+    work.mkdir()
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", env["buildCommand"]], cwd=work, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "src": env["src"], "out": str(out)})
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "bin" / "uv").exists() and (out / "bin" / "uvx").exists()
+
+
 # ---------------------------------------------------------------- direnv
 
 
