@@ -26,14 +26,14 @@ from packaging.version import Version
 
 from ..errors import ResolveError
 from ..spec import Inputs, Spec
-from ..tools import cache_dir, uv_bin
+from ..tools import cache_dir, check_uv_pin, uv_bin
 from .index import Index
 from .model import Entry, parse_requirements
 
 
 def uv_version() -> str:
-    out = subprocess.run([uv_bin(), "--version"], capture_output=True, text=True, check=True).stdout
-    return out.split()[1]
+    """The pinned uv's version (another uv is refused: see tools.check_uv_pin)."""
+    return check_uv_pin()
 
 
 def uv_env() -> dict[str, str]:
@@ -263,6 +263,7 @@ def resolve(
     index: Index | None = None,
 ) -> Resolution:
     start = time.monotonic()
+    uv_ver = uv_version()  # before any work: another uv than the pinned one is refused
     if not offline and index is None:
         index = Index(inputs.index_url)
     lockstep: dict[str, str] = {}
@@ -301,6 +302,6 @@ def resolve(
         entries=entries,
         lockstep=lockstep,
         seconds=time.monotonic() - start,
-        uv_version=uv_version(),
+        uv_version=uv_ver,
         per_python={py: {e.name: e.version for e in es} for py, es in per_python.items()},
     )
