@@ -99,8 +99,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kt-weight-path", metavar="PATH")
     p.add_argument("--no-speculative", action="store_true", help="leave out the MTP (EAGLE) flags")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.add_argument("--host-facts", metavar="DIR",
+                   help="print the command for a host recorded with `doctor --record DIR` (implies --dry-run)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra sglang flags")
     p.set_defaults(module="launch")
+
+    p = sub.add_parser("convert", help="convert the MXFP4 routed experts to AMXINT4 CPU weights (kt-kernel's script)")
+    _arch_args(p)
+    _common(p)
+    p.add_argument("--prefix", help="the env to run the script in (default: .envs/<arch>)")
+    p.add_argument("--model", required=True, metavar="PATH", help="the DeepSeek-V4 checkpoint (MXFP4 experts)")
+    p.add_argument("--output", required=True, metavar="PATH", help="where the converted experts go (--kt-weight-path)")
+    p.add_argument("--kt-source", required=True, metavar="CHECKOUT",
+                   help="a ktransformers checkout: its kt-kernel/scripts/convert_cpu_weights_ds4.py runs")
+    p.add_argument("--threadpool-count", type=int, metavar="N",
+                   help="threadpool slots to write (default: this host's NUMA nodes, what launch will use)")
+    p.add_argument("--cpuinfer", type=int, metavar="N", help="conversion threads (default: this host's physical cores)")
+    p.add_argument("--host-facts", metavar="DIR", help="take NUMA and cores from a `doctor --record` recording")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(module="serve.convert")
     return top
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from ktenv import doctor, gpu, launch, spec
 from ktenv.errors import KtenvError, SpecError
+from ktenv.serve import model as modelmod
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures" / "doctor"
@@ -20,6 +21,8 @@ GOLDEN = FIX / "launch"
 # The real sglang-kt 0.7.2 env conftest builds (.envs/sm90), or wherever KTENV_TEST_ENV_PYTHON points.
 STACK = Path(os.environ.get("KTENV_TEST_ENV_PYTHON", "/nonexistent/bin/python")).parent.parent
 MODEL = "/models/DeepSeek-V4-Flash"
+# DeepSeek-V4-Flash's config.json (sglang-kt's own copy of the shape; see tests/fixtures/models/README.md).
+V4_FLASH = modelmod.read(ROOT / "tests" / "fixtures" / "models" / "deepseek-v4-flash")
 UPDATE = os.environ.get("KTENV_UPDATE_GOLDEN") == "1"
 
 
@@ -55,6 +58,7 @@ def build(envs, case, **kw):
     arch, make, require = CASES[case]
     kw.setdefault("user_env", {})
     kw.setdefault("numactl", "numactl")
+    kw.setdefault("model_facts", V4_FLASH)
     return launch.build_command(envs, arch, make(), model=MODEL, python=f"/opt/ktenv/.envs/{arch}/bin/python",
                                 require_gpu=require, **kw)
 
@@ -79,7 +83,9 @@ def test_golden_facts(envs):
     assert a[a.index("--tensor-parallel-size") + 1] == "1"
     assert a[a.index("--kt-cpuinfer") + 1] == "15"  # 16 physical cores, one for the GPU rank
     assert a[a.index("--kt-threadpool-count") + 1] == "1"
-    assert a[a.index("--cuda-graph-bs") + 1: a.index("--cuda-graph-bs") + 4] == ["1", "2", "4"]
+    # Sized for one 80 GB H100 (tests/test_sizing.py pins the rule): graphs for batch 1, 2 requests.
+    assert a[a.index("--cuda-graph-bs") + 1: a.index("--cuda-graph-max-bs")] == ["1"]
+    assert a[a.index("--max-running-requests") + 1] == "2" and a[a.index("--mem-fraction-static") + 1] == "0.90"
     assert "--kt-enable-dynamic-expert-update" in a and "--speculative-algorithm" in a
     assert h100.numactl == ["numactl", "--interleave=all"]
 
@@ -92,6 +98,8 @@ def test_golden_facts(envs):
 
     b = build(envs, "sm120-8x5090").server_args
     assert b[b.index("--tensor-parallel-size") + 1] == "8"
+    assert b[b.index("--cuda-graph-bs") + 1: b.index("--cuda-graph-max-bs")] == ["1", "2", "4"]
+    assert b[b.index("--mem-fraction-static") + 1] == "0.80" and b[b.index("--max-total-tokens") + 1] == "32768"
     assert b[b.index("--kt-cpuinfer") + 1] == "24"  # 32 cores, one per GPU rank left free
 
     cpu = build(envs, "sm100-cpu-only-dry-run")
@@ -135,9 +143,11 @@ def test_real_sglang_parser_accepts_every_golden(envs, sglang_parse):
         assert got["model_path"] == MODEL and got["kt_weight_path"] == MODEL
         assert got["kt_cpuinfer"] == int(a[a.index("--kt-cpuinfer") + 1])
         assert got["tensor_parallel_size"] == int(a[a.index("--tensor-parallel-size") + 1])
-        assert got["kt_method"] == "MXFP4" and got["cuda_graph_bs"] == [1, 2, 4]
+        bs = a[a.index("--cuda-graph-bs") + 1: a.index("--cuda-graph-max-bs")]
+        assert got["kt_method"] == "MXFP4" and got["cuda_graph_bs"] == [int(x) for x in bs]
         assert got["kt_enable_dynamic_expert_update"] is True and got["disable_shared_experts_fusion"] is True
-        assert got["speculative_algorithm"] == "EAGLE" and got["mem_fraction_static"] == 0.8
+        assert got["mem_fraction_static"] == float(a[a.index("--mem-fraction-static") + 1])
+        assert got["speculative_algorithm"] == ("EAGLE" if "--speculative-algorithm" in a else None)
     assert parsed[-1]["port"] == 31000 and parsed[-1]["speculative_algorithm"] is None
 
 
@@ -183,7 +193,7 @@ MX = ["--kt-method", "MXFP4"]
     ({"SGLANG_DSV4_MODE": "2605"}, MX, "SGLANG_DSV4_MODE is '2605'"),
     ({"SGLANG_DSV4_MODE": "2604"}, MX, "SGLANG_DSV4_2604_SUBMODE is '' with SGLANG_DSV4_MODE=2604"),
     ({"SGLANG_DSV4_MODE": "2601", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, MX, "it is '' for that mode"),
-    ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, ["--kt-method", "AMXINT4"], "needs --kt-method MXFP4"),
+    ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, ["--kt-method", "AMXINT8"], "needs --kt-method MXFP4"),
     ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, [], "unset: sglang defaults to AMXINT4"),
 ])
 def test_dsv4_env_rules_refuse(env, args, fragment):
@@ -197,6 +207,8 @@ def test_dsv4_env_rules_refuse(env, args, fragment):
     ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, MX),
     ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, ["--kt-method=mxfp4"]),
     ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604A"}, ["--kt-method", "AMXINT4"]),
+    # sglang-kt 0.7.2 zeroes the clamp for AMXINT4 itself (kt_ep_wrapper._kt_supports_swiglu_parameters).
+    ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, ["--kt-method", "AMXINT4"]),
     ({"SGLANG_DSV4_MODE": "2601"}, []),
 ])
 def test_dsv4_env_rules_accept(env, args):
@@ -213,7 +225,7 @@ def test_user_dsv4_mode_wins_and_is_checked(envs):
 
 def test_kt_method_from_extra_flags_is_checked(envs):
     with pytest.raises(KtenvError, match="needs --kt-method MXFP4"):
-        build(envs, "sm90-h100", extra=["--", "--kt-method", "AMXINT4"])
+        build(envs, "sm90-h100", extra=["--", "--kt-method", "AMXINT8"])
 
 
 def test_leftover_arch_list_in_the_environment_does_not_win(envs):
@@ -336,9 +348,9 @@ def test_cli_bad_input_exit_codes(model):
 
 def _shim_env(tmp_path) -> Path:
     """A real venv whose `sglang.launch_server` records how it was started."""
-    uv = shutil.which("uv")
-    if not uv:
-        pytest.skip("uv is not on PATH")
+    from ktenv.tools import uv_bin
+
+    uv = uv_bin()
     venv = tmp_path / "venv"
     subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
     site = next(venv.glob("lib/python3*/site-packages"))
