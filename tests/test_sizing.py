@@ -232,3 +232,10 @@ def test_cli_host_facts_prints_the_command_for_the_recorded_host(cli, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "--kt-cpuinfer 15" in p.stdout and "--tensor-parallel-size 1" in p.stdout
     assert "Sized for 1 GPU(s) of 79.6 GiB" in p.stderr and "--host-facts), not this machine" in p.stderr
+
+
+def test_gpu_experts_ratio_is_checked_as_what_sglang_makes_of_it(envs, cfg, flash):
+    with pytest.raises(KtenvError, match=r"--kt-num-gpu-experts 230 does not fit 1 GPU\(s\) of 79.6 GiB"):
+        plan(envs, cfg, flash, "sm90", [81559 * 2**20], {"kt-gpu-experts-ratio": ["0.9"]})
+    p = plan(envs, cfg, flash, "sm90", [81559 * 2**20], {"kt-gpu-experts-ratio": ["0.1"]})
+    assert p.flags["kt-num-gpu-experts"] == ["25"] and any("overrides --kt-num-gpu-experts" in n for n in p.notes)

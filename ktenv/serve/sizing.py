@@ -218,6 +218,12 @@ def plan(cfg: dict, m: ModelFacts, arch: str, gpu_bytes: list[int], profile: dic
             f"the GPU (--mem-fraction-static {b.fraction:.2f}), {-b.available / GIB:.2f} GiB short per GPU:\n"
             f"{b.table(0)}\nUse more or larger GPUs, or lower --max-total-tokens / --max-running-requests.")
     cap = m.experts
+    if given.get("kt-gpu-experts-ratio"):
+        # sglang-kt then ignores --kt-num-gpu-experts: int(MoE layers x E x ratio) experts in all.
+        ratio = _num(given, "kt-gpu-experts-ratio", float)
+        given = {**given, "kt-num-gpu-experts": [str(int(m.moe_layers * m.experts * ratio) // m.moe_layers)]}
+        notes.append(f"--kt-gpu-experts-ratio {ratio} overrides --kt-num-gpu-experts in sglang-kt; checked as "
+                     f"{given['kt-num-gpu-experts'][0]} experts per layer.")
     if given.get("kt-num-gpu-experts"):
         n = _num(given, "kt-num-gpu-experts")
         if n > cap:
