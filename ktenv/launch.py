@@ -267,8 +267,8 @@ def build_command(
         speculative = _size(spec, arch.name, model_facts, mine, table, given, speculative, notes)
     elif model_facts is not None:
         notes.append("The memory flags (--kt-num-gpu-experts, --mem-fraction-static, ...) are envs/'s, not sized: no "
-                     f"{arch.name} GPU to size for. `--host-facts DIR` sizes them for a host recorded with "
-                     "`doctor --record DIR`.")
+                     f"{arch.name} GPU on this host to size for (`--host-facts DIR` answers for a host with one, "
+                     "recorded with `doctor --record DIR`).")
     groups = [[f"--{k}"] + v for k, v in host_args.items()] + profile_args(table)
     if speculative:
         groups += profile_args(profile.get("speculative", {}))

@@ -233,7 +233,7 @@ def plan(cfg: dict, m: ModelFacts, arch: str, gpu_bytes: list[int], profile: dic
             best = min(cap, b.available // b.per_layer_expert)
             raise SizingError(
                 f"--kt-num-gpu-experts {n} does not fit {tp} GPU(s) of {mem / GIB:.1f} GiB: sglang-kt puts "
-                f"{n} experts x {m.moe_layers} MoE layers on every GPU (1/{tp} of each), "
+                f"{n} experts x {m.moe_layers} MoE layers on every GPU" + (f" (1/{tp} of each)" if tp > 1 else "") + ", "
                 f"{n * b.per_layer_expert / GIB:.2f} GiB per GPU, and {-(b.available - n * b.per_layer_expert) / GIB:.2f} "
                 f"GiB more than there is:\n{b.table(n)}\nAt most {best} fit; leave the flag out and launch sizes it.")
     else:
