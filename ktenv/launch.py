@@ -186,7 +186,7 @@ def build_command(
     model_facts: the checkpoint's shape (serve.model.read); with it the memory
     flags are sized to the GPUs (serve.sizing), without it the profile's stand.
     kt_manifest: a `build.py convert` manifest found in --kt-weight-path
-    (serve.convert.read_manifest): AMXINT4 with its threadpool count.
+    (serve.amxint4.read_manifest): AMXINT4 with its threadpool count.
     """
     arch = spec.arch(arch_name)  # refuses unknown and unsupported archs with the reason
     profile = rules.launch_profile(spec, arch.name)
