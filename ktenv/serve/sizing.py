@@ -238,6 +238,9 @@ def plan(cfg: dict, m: ModelFacts, arch: str, gpu_bytes: list[int], profile: dic
                 f"GiB more than there is:\n{b.table(n)}\nAt most {best} fit; leave the flag out and launch sizes it.")
     else:
         n = min(cap, max(0, b.available // b.per_layer_expert))
+        if n == cap:
+            notes.append(f"All {cap} routed experts of every layer fit on these GPUs: KT-Kernel's CPU experts have "
+                         "nothing to do here, and plain GPU serving may be simpler and faster.")
     if b.gpu - b.static < b.headroom_need:
         notes.append(f"--mem-fraction-static {b.fraction:.2f} leaves {(b.gpu - b.static) / GIB:.2f} GiB outside "
                      f"sglang's static pool; the server needs ~{b.headroom_need / GIB:.2f} GiB there at run time"
