@@ -103,8 +103,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kt-weight-path", metavar="PATH")
     p.add_argument("--no-speculative", action="store_true", help="leave out the MTP (EAGLE) flags")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.add_argument("--host-facts", metavar="DIR",
+                   help="print the command for a host recorded with `doctor --record DIR` (implies --dry-run)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra sglang flags")
     p.set_defaults(handler=cmd_launch)
+
+    p = sub.add_parser("convert", help="convert the MXFP4 routed experts to AMXINT4 CPU weights (kt-kernel's script)")
+    _arch_args(p)
+    _common(p)
+    p.add_argument("--prefix", help="the env to run the script in (default: .envs/<arch>)")
+    p.add_argument("--model", required=True, metavar="PATH", help="the DeepSeek-V4 checkpoint (MXFP4 experts)")
+    p.add_argument("--output", required=True, metavar="PATH", help="where the converted experts go (--kt-weight-path)")
+    p.add_argument("--kt-source", required=True, metavar="CHECKOUT",
+                   help="a ktransformers checkout: its kt-kernel/scripts/convert_cpu_weights_ds4.py runs")
+    p.add_argument("--threadpool-count", type=int, metavar="N",
+                   help="threadpool slots to write (default: this host's NUMA nodes, what launch will use)")
+    p.add_argument("--cpuinfer", type=int, metavar="N", help="conversion threads (default: this host's physical cores)")
+    p.add_argument("--host-facts", metavar="DIR", help="take NUMA and cores from a `doctor --record` recording")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_convert)
     return top
 
 
@@ -221,12 +238,21 @@ def cmd_doctor(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def _recorded(args):
+    from .host import facts
+
+    return facts.recorded_facts(args.host_facts) if getattr(args, "host_facts", None) else None
+
+
 def cmd_launch(args) -> int:
     from .serve import launch
 
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    if args.host_facts:
+        args.dry_run = True  # a command for another machine is printed, never run here
     cmd = launch.command_for(_target(args), args.model, kt_weight_path=args.kt_weight_path,
-                             speculative=not args.no_speculative, extra=extra, dry_run=args.dry_run)
+                             speculative=not args.no_speculative, extra=extra, dry_run=args.dry_run,
+                             facts=_recorded(args))
     for n in cmd.notes:
         print(f"note: {n}", file=sys.stderr)
     if args.dry_run:
@@ -235,6 +261,18 @@ def cmd_launch(args) -> int:
     print(cmd.shell(), end="", file=sys.stderr)
     launch.execute(cmd)
     return 0  # not reached
+
+
+def cmd_convert(args) -> int:
+    from .progress import Progress
+    from .serve import convert
+
+    target = _target(args)
+    manifest = convert.convert(target, args.model, args.output, args.kt_source, facts=_recorded(args),
+                               pools=args.threadpool_count, threads=args.cpuinfer,
+                               progress=Progress(quiet=args.json))
+    _print(manifest, args.json, lambda m: convert.render(m, target))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

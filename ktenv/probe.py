@@ -18,7 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MARK = "KTENV-RESULT "
@@ -33,6 +33,7 @@ class ProbeRun:
     returncode: int
     stderr: str
     seconds: float
+    tail: list[str] = field(default_factory=list)  # stream(): the last lines it printed besides the report
 
     @property
     def signal(self) -> str | None:
@@ -50,7 +51,7 @@ def child_env(base: dict | None = None, extra: dict | None = None) -> dict:
     return env
 
 
-def tail(text: str, n: int = 600) -> str:
+def tail_of(text: str, n: int = 600) -> str:
     """The end of a process's output on one line, for an error message."""
     text = " ".join(text.strip().split())
     return ("..." + text[-n:]) if len(text) > n else text
@@ -88,7 +89,51 @@ def run(python: str | Path, script: str | Path, args: list[str] | tuple = (), *,
     if p.returncode < 0:
         name = signal.Signals(-p.returncode).name
         extra = " (SIGILL: code for instructions this CPU lacks)" if name == "SIGILL" else ""
-        return ProbeRun(None, f"was killed by {name}{extra}; stderr ends: {tail(p.stderr)}", p.returncode, p.stderr, seconds)
-    return ProbeRun(None, f"exited with status {p.returncode} without a report; stderr ends: {tail(p.stderr)}",
+        return ProbeRun(None, f"was killed by {name}{extra}; stderr ends: {tail_of(p.stderr)}", p.returncode, p.stderr, seconds)
+    return ProbeRun(None, f"exited with status {p.returncode} without a report; stderr ends: {tail_of(p.stderr)}",
                     p.returncode, p.stderr, seconds)
 
+
+def stream(python: str | Path, script: str | Path, args: list[str] | tuple = (), *, on_line=lambda line: None,
+           timeout: float | None = None, env: dict | None = None, cwd: str | Path | None = None) -> ProbeRun:
+    """run() for long probes: every line the child prints (stdout and stderr, merged) goes to
+    on_line as it comes, so the caller can show progress; the report line is taken as in run()."""
+    path = Path(script) if os.sep in str(script) else PROBES / script
+    cmd = [str(python), str(path), *map(str, args)]
+    t0 = time.monotonic()
+    result, tail = None, []
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env if env is not None else child_env(), cwd=cwd or tempfile.gettempdir())
+    except FileNotFoundError:
+        return ProbeRun(None, f"could not start: {python} does not exist; build the environment first", 127, "", 0.0)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(MARK):
+                try:
+                    result = json.loads(line[len(MARK):])
+                except ValueError:
+                    pass
+            elif line.strip():
+                tail = (tail + [line])[-15:]
+                on_line(line)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return ProbeRun(None, f"did not finish within {timeout:.0f} s", proc.returncode, "\n".join(tail),
+                        time.monotonic() - t0, tail)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    seconds = time.monotonic() - t0
+    if result is not None:
+        return ProbeRun(result, "", proc.returncode, "", seconds, tail)
+    end = tail_of("\n".join(tail))
+    if proc.returncode < 0:
+        return ProbeRun(None, f"was killed by {signal.Signals(-proc.returncode).name}; its output ends: {end}",
+                        proc.returncode, "", seconds, tail)
+    return ProbeRun(None, f"exited with status {proc.returncode} without a report; its output ends: {end}",
+                    proc.returncode, "", seconds, tail)

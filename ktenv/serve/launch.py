@@ -25,6 +25,9 @@ from ..host.facts import ENV_KEYS, HostFacts, kt_threads, live_facts, numa_summa
 from ..spec import Spec, launch_profile
 from ..spec import inputs as spec_inputs
 from ..target import Target
+from . import amxint4
+from . import model as modelmod
+from . import sizing
 
 # Flags the host fills in; a profile that sets them is overridden (with a note).
 HOST_FLAGS = ("model", "kt-weight-path", "kt-cpuinfer", "kt-threadpool-count", "tensor-parallel-size")
@@ -66,7 +69,12 @@ def dsv4_env_problems(env: dict, server_args: list[str]) -> list[str]:
         )
     if sub == "2604B":
         method = flag_value(server_args, "--kt-method")
-        if (method or "").upper() != "MXFP4":
+        # AMXINT4 is the exception: sglang-kt 0.7.2 zeroes the clamp for every
+        # method but MXFP4/MXFP8 before kt-kernel sees it
+        # (kt_ep_wrapper._kt_supports_swiglu_parameters), so 2604B + AMXINT4
+        # loads; 2604A instead would change the released checkpoint's rope on
+        # its uncompressed layers. launch notes the dropped CPU clamp.
+        if (method or "").upper() not in ("MXFP4", "AMXINT4"):
             problems.append(
                 f"SGLANG_DSV4_2604_SUBMODE=2604B needs --kt-method MXFP4, but the command has "
                 f"--kt-method {method or '(unset: sglang defaults to AMXINT4)'}; kt-kernel would apply the "
@@ -169,6 +177,8 @@ def build_command(
     user_env: dict | None = None,
     require_gpu: bool = True,
     stack_version: str | None = None,
+    model_facts: modelmod.ModelFacts | None = None,
+    kt_manifest: dict | None = None,
 ) -> LaunchCommand:
     """The command for arch_name on the host described by facts (no I/O but facts').
 
@@ -177,6 +187,10 @@ def build_command(
     over envs/ (so a user can try SGLANG_DSV4_MODE=2601 without editing TOML).
     require_gpu: False for --dry-run, where a host without the arch's GPUs
     still gets a command (with --tensor-parallel-size 1).
+    model_facts: the checkpoint's shape (serve.model.read); with it the memory
+    flags are sized to the GPUs (serve.sizing), without it the profile's stand.
+    kt_manifest: a `build.py convert` manifest found in --kt-weight-path
+    (serve.amxint4.read_manifest): AMXINT4 with its threadpool count.
     """
     arch = spec.arch(arch_name)  # refuses unknown and unsupported archs with the reason
     profile = launch_profile(spec, arch.name)
@@ -219,6 +233,10 @@ def build_command(
 
     nodes = numa_summary(facts)
     cpuinfer, pools = kt_threads(nodes, tp)
+    extra_groups = _group_extra(_strip_dashdash(extra))
+    given = _given(extra_groups)
+    if kt_manifest is not None:
+        pools, cpuinfer = amxint4.threadpool_for_launch(kt_manifest, given, nodes, tp, notes)
     # A forced kt-kernel variant above this CPU loads and then dies with SIGILL.
     check_override(spec.knowledge.kt_kernel, cpu_info(facts.cpuinfo_text).flags, {**facts.env, **user_env})
 
@@ -248,14 +266,23 @@ def build_command(
         if k in table:
             notes.append(f"envs/ sets --{k}; the host's value replaces it.")
             table.pop(k)
+    if kt_manifest is not None:
+        table.update(amxint4.launch_flags(kt_manifest, given, notes, spec.knowledge.serve))
+    if model_facts is not None and mine:
+        speculative = _size(spec, arch.name, model_facts, mine, table, given, speculative, notes)
+    elif model_facts is not None:
+        notes.append("The memory flags (--kt-num-gpu-experts, --mem-fraction-static, ...) are envs/'s, not sized: no "
+                     f"{arch.name} GPU on this host to size for (`--host-facts DIR` answers for a host with one, "
+                     "recorded with `doctor --record DIR`).")
     groups = [[f"--{k}"] + v for k, v in host_args.items()] + profile_args(table)
     if speculative:
         groups += profile_args(profile.get("speculative", {}))
 
     # Extra flags win over generated ones of the same name.
-    extra_groups = _group_extra(_strip_dashdash(extra))
-    given = {ALIASES.get(g[0].split("=", 1)[0], g[0].split("=", 1)[0]) for g in extra_groups if g[0].startswith("--")}
-    groups = [g for g in groups if g[0] not in given] + extra_groups
+    groups = [g for g in groups if g[0] not in {f"--{k}" for k in given}] + extra_groups
+    cpuinfer_final = flag_value([t for g in groups for t in g], "--kt-cpuinfer")
+    if cpuinfer_final and cpuinfer_final.isdigit():
+        sizing.check_threads(int(cpuinfer_final), nodes)
 
     cmd_numactl: list[str] = []
     wanted = [str(a) for a in profile.get("numactl", [])]
@@ -277,13 +304,39 @@ def build_command(
     return cmd
 
 
+def _given(extra_groups: list[list[str]]) -> dict[str, list[str]]:
+    """The user's flags after `--`: {name without dashes, aliases resolved: values}."""
+    out = {}
+    for g in extra_groups:
+        if not g[0].startswith("--"):
+            continue
+        flag, _, inline = g[0].partition("=")
+        flag = ALIASES.get(flag, flag)
+        out[flag[2:]] = ([inline] if inline else []) + g[1:]
+    return out
+
+
+def _size(spec, arch: str, m, gpus, table: dict, given: dict, speculative: bool, notes: list[str]) -> bool:
+    """Replace the profile's memory flags in `table` with ones sized to `gpus`; returns whether EAGLE stays."""
+    asked = any(k.startswith("speculative-") for k in given)
+    plan = sizing.plan(spec.knowledge.serve, m, arch, [g.memory_bytes for g in gpus], table, given,
+                       speculative or asked, asked, method=str(table.get("kt-method", "MXFP4")))
+    for k in sizing.SIZED:
+        table[k] = plan.flags[k]
+    notes.extend(plan.notes)
+    notes.append(sizing.summary(plan, m))
+    return speculative if asked else plan.workload.speculative
+
+
 def command_for(target: Target, model: str, *, kt_weight_path: str | None = None, speculative: bool = True,
                 extra: list[str] | None = None, dry_run: bool = False, facts: HostFacts | None = None) -> LaunchCommand:
-    """The checked command for target on this host (or the recorded one in `facts`).
+    """The checked command for target on this host (or the recorded one in `facts`, e.g. --host-facts).
 
     Refuses a --model or --kt-weight-path that is not there and, unless
     dry_run, an env that is not built; a dry run on a host without the arch's
-    GPUs still gets a command (with a note)."""
+    GPUs still gets a command (with a note). The memory flags are sized from
+    --model's config.json and the GPUs; an AMXINT4 conversion in
+    --kt-weight-path (`build.py convert`) sets the method and threadpools."""
     spec, arch = target.spec, target.arch
     given, model = model, Path(model)
     if not model.is_dir():
@@ -305,17 +358,27 @@ def command_for(target: Target, model: str, *, kt_weight_path: str | None = None
     python = target.python
     if not dry_run:
         target.require_env()
+    recorded = facts is not None
     facts = facts or live_facts(str(model))
+    try:
+        model_facts, unsized = modelmod.read(model), ""
+    except modelmod.ModelError as e:
+        model_facts, unsized = None, str(e)
+    manifest = amxint4.read_manifest(kt_weight_path) if kt_weight_path else None
+    amxint4.check_method(_given(_group_extra(_strip_dashdash(extra))), manifest, kt_weight_path or str(model))
     cmd = build_command(
         spec, arch.name, facts,
         model=str(model.absolute()), python=str(python),
         kt_weight_path=str(Path(kt_weight_path).absolute()) if kt_weight_path else None,
         speculative=speculative, extra=extra,
         numactl=shutil.which("numactl"), user_env=dict(os.environ), require_gpu=not dry_run,
-        stack_version=target.stack,
+        stack_version=target.stack, model_facts=model_facts, kt_manifest=manifest,
     )
+    if unsized:
+        cmd.notes.append(f"The memory flags are envs/'s, not sized to the GPUs: {unsized}")
     if facts.origin != "this host":
-        cmd.notes.append(f"Host facts come from {facts.origin} (KTENV_HOST_RECORDING), not this machine.")
+        how = "--host-facts" if recorded else "KTENV_HOST_RECORDING"
+        cmd.notes.append(f"Host facts come from {facts.origin} ({how}), not this machine: the command is for that host.")
     if dry_run and not python.exists():
         cmd.notes.append(f"{python} does not exist yet: {target.build_hint()}.")
     return cmd

@@ -1,6 +1,6 @@
 """Stack knowledge from envs/: the model (model.toml), what the stack's code
-loads (loaders.toml), CUDA driver floors (cuda.toml) and KT-Kernel's variants
-and build facts (ktkernel.toml).
+loads (loaders.toml), CUDA driver floors (cuda.toml), KT-Kernel's variants
+and build facts (ktkernel.toml), and how the server places weights (serve.toml).
 
 These are facts about upstream code and hardware, read from sources and
 measurements; each carries the stack range it was read for (and a reason
@@ -128,5 +128,29 @@ def _kt_kernel(root: Path) -> KtKernel:
     )
 
 
+# envs/serve.toml: how sglang-kt places weights on the GPUs and the few
+# calibrated numbers launch sizing and convert use (ktenv/serve/ interprets them).
+SERVE_KEYS = {
+    "sizing": {"stack", "reserve_gib", "reserve_per_peer_gib", "mem_fraction_max", "mem_fraction_step",
+               "margin_fraction", "kv_tokens", "requests_per_gpu", "graph_bs_per_gpu", "gpu_experts_per_layer",
+               "mxfp4_group", "layerwise_reserved_on", "draft_experts_on_gpu", "kv_fp8"},
+    "convert": {"script", "method", "merged", "decode_tok_s", "prefill32_tok_s", "lossy_rel_diff",
+                "emulation_tolerance"},
+}
+
+
+def _serve(root: Path) -> dict:
+    path = root / "serve.toml"
+    data = read(path)
+    check_keys(path, data, set(SERVE_KEYS), "the top level")
+    for table, keys in SERVE_KEYS.items():
+        t = need(path, data, table, dict, "the file")
+        check_keys(path, t, keys, f"[{table}]")
+        missing = sorted(keys - set(t))
+        if missing:
+            raise SpecError(f"{path}: [{table}] is missing {', '.join(missing)}.")
+    return data
+
+
 def load_knowledge(root: Path) -> Knowledge:
-    return Knowledge(_model(root), _loaders(root), _min_driver(root), _kt_kernel(root))
+    return Knowledge(_model(root), _loaders(root), _min_driver(root), _kt_kernel(root), _serve(root))

@@ -198,6 +198,7 @@ class Knowledge:
     loaders: Loaders
     min_driver: dict[str, str]  # CUDA version -> oldest Linux driver
     kt_kernel: KtKernel
+    serve: dict  # envs/serve.toml as read (keys checked): launch sizing and convert
 
 
 @dataclass(frozen=True)

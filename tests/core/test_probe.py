@@ -44,3 +44,13 @@ def test_the_child_environment_is_clean(tmp_path):
     assert env["EXTRA"] == "y"
     run = probe.run(sys.executable, s, env=env)
     assert run.result == {"PYTHONPATH": None, "PYTHONDONTWRITEBYTECODE": "1", "KEEP": "x"}
+
+
+def test_stream_passes_lines_on_as_they_come_and_keeps_the_report(tmp_path):
+    s = script(tmp_path, "import json, sys\nfor i in range(3):\n    print(f'step {i}', flush=True)\n"
+                         "sys.stderr.write('warn\\n')\nprint('KTENV-RESULT ' + json.dumps({'ok': True}))\n")
+    seen = []
+    run = probe.stream(sys.executable, s, on_line=seen.append)
+    assert run.result == {"ok": True} and seen == ["step 0", "step 1", "step 2", "warn"] and run.tail == seen
+    run = probe.stream(sys.executable, script(tmp_path, "print('half way')\nraise SystemExit(2)\n"))
+    assert run.result is None and "exited with status 2 without a report; its output ends: half way" in run.why

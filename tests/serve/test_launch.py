@@ -15,12 +15,15 @@ from ktenv.host import facts as hostfacts
 from ktenv.host import gpu
 from ktenv.serve import launch
 from ktenv.errors import KtenvError, SpecError
+from ktenv.serve import model as modelmod
 from ktenv.tools import uv_bin
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures" / "doctor"
 GOLDEN = FIX / "launch"
 MODEL = "/models/DeepSeek-V4-Flash"
+# DeepSeek-V4-Flash's config.json (sglang-kt's own copy of the shape; see tests/fixtures/models/README.md).
+V4_FLASH = modelmod.read(ROOT / "tests" / "fixtures" / "models" / "deepseek-v4-flash")
 UPDATE = os.environ.get("KTENV_UPDATE_GOLDEN") == "1"
 
 
@@ -56,6 +59,7 @@ def build(envs, case, **kw):
     arch, make, require = CASES[case]
     kw.setdefault("user_env", {})
     kw.setdefault("numactl", "numactl")
+    kw.setdefault("model_facts", V4_FLASH)
     return launch.build_command(envs, arch, make(), model=MODEL, python=f"/opt/ktenv/.envs/{arch}/bin/python",
                                 require_gpu=require, **kw)
 
@@ -80,7 +84,9 @@ def test_golden_facts(envs):
     assert a[a.index("--tensor-parallel-size") + 1] == "1"
     assert a[a.index("--kt-cpuinfer") + 1] == "15"  # 16 physical cores, one for the GPU rank
     assert a[a.index("--kt-threadpool-count") + 1] == "1"
-    assert a[a.index("--cuda-graph-bs") + 1: a.index("--cuda-graph-bs") + 4] == ["1", "2", "4"]
+    # Sized for one 80 GB H100 (tests/test_sizing.py pins the rule): graphs for batch 1, 2 requests.
+    assert a[a.index("--cuda-graph-bs") + 1: a.index("--cuda-graph-max-bs")] == ["1"]
+    assert a[a.index("--max-running-requests") + 1] == "2" and a[a.index("--mem-fraction-static") + 1] == "0.90"
     assert "--kt-enable-dynamic-expert-update" in a and "--speculative-algorithm" in a
     assert h100.numactl == ["numactl", "--interleave=all"]
 
@@ -93,6 +99,8 @@ def test_golden_facts(envs):
 
     b = build(envs, "sm120-8x5090").server_args
     assert b[b.index("--tensor-parallel-size") + 1] == "8"
+    assert b[b.index("--cuda-graph-bs") + 1: b.index("--cuda-graph-max-bs")] == ["1", "2", "4"]
+    assert b[b.index("--mem-fraction-static") + 1] == "0.80" and b[b.index("--max-total-tokens") + 1] == "32768"
     assert b[b.index("--kt-cpuinfer") + 1] == "24"  # 32 cores, one per GPU rank left free
 
     cpu = build(envs, "sm100-cpu-only-dry-run")
@@ -134,9 +142,11 @@ def test_real_sglang_parser_accepts_every_golden(envs, sglang_parse):
         assert got["model_path"] == MODEL and got["kt_weight_path"] == MODEL
         assert got["kt_cpuinfer"] == int(a[a.index("--kt-cpuinfer") + 1])
         assert got["tensor_parallel_size"] == int(a[a.index("--tensor-parallel-size") + 1])
-        assert got["kt_method"] == "MXFP4" and got["cuda_graph_bs"] == [1, 2, 4]
+        bs = a[a.index("--cuda-graph-bs") + 1: a.index("--cuda-graph-max-bs")]
+        assert got["kt_method"] == "MXFP4" and got["cuda_graph_bs"] == [int(x) for x in bs]
         assert got["kt_enable_dynamic_expert_update"] is True and got["disable_shared_experts_fusion"] is True
-        assert got["speculative_algorithm"] == "EAGLE" and got["mem_fraction_static"] == 0.8
+        assert got["mem_fraction_static"] == float(a[a.index("--mem-fraction-static") + 1])
+        assert got["speculative_algorithm"] == ("EAGLE" if "--speculative-algorithm" in a else None)
     assert parsed[-1]["port"] == 31000 and parsed[-1]["speculative_algorithm"] is None
 
 
@@ -182,7 +192,7 @@ MX = ["--kt-method", "MXFP4"]
     ({"SGLANG_DSV4_MODE": "2605"}, MX, "SGLANG_DSV4_MODE is '2605'"),
     ({"SGLANG_DSV4_MODE": "2604"}, MX, "SGLANG_DSV4_2604_SUBMODE is '' with SGLANG_DSV4_MODE=2604"),
     ({"SGLANG_DSV4_MODE": "2601", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, MX, "it is '' for that mode"),
-    ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, ["--kt-method", "AMXINT4"], "needs --kt-method MXFP4"),
+    ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, ["--kt-method", "AMXINT8"], "needs --kt-method MXFP4"),
     ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, [], "unset: sglang defaults to AMXINT4"),
 ])
 def test_dsv4_env_rules_refuse(env, args, fragment):
@@ -196,6 +206,8 @@ def test_dsv4_env_rules_refuse(env, args, fragment):
     ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, MX),
     ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, ["--kt-method=mxfp4"]),
     ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604A"}, ["--kt-method", "AMXINT4"]),
+    # sglang-kt 0.7.2 zeroes the clamp for AMXINT4 itself (kt_ep_wrapper._kt_supports_swiglu_parameters).
+    ({"SGLANG_DSV4_MODE": "2604", "SGLANG_DSV4_2604_SUBMODE": "2604B"}, ["--kt-method", "AMXINT4"]),
     ({"SGLANG_DSV4_MODE": "2601"}, []),
 ])
 def test_dsv4_env_rules_accept(env, args):
@@ -212,7 +224,7 @@ def test_user_dsv4_mode_wins_and_is_checked(envs):
 
 def test_kt_method_from_extra_flags_is_checked(envs):
     with pytest.raises(KtenvError, match="needs --kt-method MXFP4"):
-        build(envs, "sm90-h100", extra=["--", "--kt-method", "AMXINT4"])
+        build(envs, "sm90-h100", extra=["--", "--kt-method", "AMXINT8"])
 
 
 def test_leftover_arch_list_in_the_environment_does_not_win(envs):
