@@ -1,19 +1,21 @@
-"""Command-line parsing only: each subcommand hands its namespace to one module.
+"""The command line: parse the arguments, resolve one target, call one stage, print.
 
-Every stage module exposes `run(args) -> int`. Modules are imported lazily so
-that `lock --check` does not pay for importing the env builder, and so that the
-tool's own process never imports torch or sglang (those run inside the env).
+Stage modules are imported lazily so that `lock --check` does not pay for
+importing the env builder, and the tool's own process never imports torch or
+sglang (those run inside the env, through ktenv/probe.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import sys
+from pathlib import Path
 
 from .errors import KtenvError
 
 ISAS = ("amx", "avx512_bf16", "avx512_vbmi", "avx512_vnni", "avx512_base", "avx2")
+TIERS = ("import", "kernel", "launch-cpu", "launch-gpu")
 
 
 def _arch_args(p: argparse.ArgumentParser, allow_all: bool = False) -> None:
@@ -21,11 +23,16 @@ def _arch_args(p: argparse.ArgumentParser, allow_all: bool = False) -> None:
     g.add_argument("--arch", help="sm89, sm90, sm100 or sm120")
     if allow_all:
         g.add_argument("--all", action="store_true", help="every supported arch")
+    p.add_argument("--stack", help="stack version (default: envs/stack.toml's default; for a built env, the one it was built from)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--envs", default="envs", help="the spec directory (default: envs)")
     p.add_argument("--lock-dir", default="lock", help="where locks live (default: lock)")
+
+
+def _env_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix", help="the env (default: .envs/<arch>)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,7 +45,6 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lock", help="resolve envs/ with uv into lock/<arch>/")
     _arch_args(p, allow_all=True)
     _common(p)
-    p.add_argument("--stack", help="stack version (default: envs/stack.toml's default)")
     p.add_argument("--check", action="store_true", help="offline: exit 1 if the inputs changed since the lock")
     p.add_argument("--upgrade", action="store_true", help="re-resolve within the spec, ignoring the current pins")
     p.add_argument("--offline", action="store_true", help="resolve from uv's cache only")
@@ -46,20 +52,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the lock here instead of lock/<arch>[/stack-<v>]")
     p.add_argument("--conda", action="store_true", help="also solve envs/conda.toml into lock/<arch>/conda-lock.yml")
     p.add_argument("--channel", metavar="URL", help="conda channel to solve against (default: envs/conda.toml's)")
-    p.set_defaults(module="lock")
+    p.set_defaults(handler=cmd_lock)
 
     p = sub.add_parser("explain", help="the rules in effect and where the lock departs from upstream")
     _arch_args(p)
     _common(p)
-    p.add_argument("--stack")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(module="explain")
+    p.set_defaults(handler=cmd_explain)
 
     p = sub.add_parser("env", help="build .envs/<arch> from its lock, KT-Kernel matched to this CPU")
     _arch_args(p)
     _common(p)
-    p.add_argument("--prefix", help="where to build (default: .envs/<arch>)")
-    p.add_argument("--stack")
+    _env_args(p)
     p.add_argument("--no-wait", action="store_true", help="fail at once if another build holds the prefix")
     p.add_argument("--kt-source", metavar="PATH", help="build kt-kernel from this ktransformers checkout")
     p.add_argument("--target-isa", choices=ISAS, help="build kt-kernel for another machine's CPU")
@@ -67,48 +71,214 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("uv", "conda"), default="uv")
     p.add_argument("--channel", metavar="URL", help="with --backend conda: the channel the conda lock was made against")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(module="materialize")
+    p.set_defaults(handler=cmd_env)
 
     p = sub.add_parser("smoke", help="prove an env: import, kernel, launch tiers")
     _arch_args(p)
     _common(p)
-    p.add_argument("--prefix")
-    p.add_argument("--tier", action="append", choices=("import", "kernel", "launch-cpu", "launch-gpu"), help="run only these tiers (repeatable)")
+    _env_args(p)
+    p.add_argument("--tier", action="append", choices=TIERS, help="run only these tiers (repeatable)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(module="smoke")
+    p.set_defaults(handler=cmd_smoke)
 
     p = sub.add_parser("audit", help="CUDA arch coverage of the binaries the env's loaders will load")
     _arch_args(p)
     _common(p)
-    p.add_argument("--prefix")
+    _env_args(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(module="audit")
+    p.set_defaults(handler=cmd_audit)
 
     p = sub.add_parser("doctor", help="this host: GPUs, driver, CPU ISA, NUMA, RAM, disk; which --arch")
     _common(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--record", metavar="DIR", help="save this host's raw facts (nvidia-smi, NVML, /proc, /sys) to DIR")
     p.add_argument("--host-facts", metavar="DIR", help="answer for a host recorded with --record instead of this one")
-    p.set_defaults(module="doctor")
+    p.set_defaults(handler=cmd_doctor)
 
     p = sub.add_parser("launch", help="the per-arch, per-host server command")
     _arch_args(p)
     _common(p)
-    p.add_argument("--prefix")
+    _env_args(p)
     p.add_argument("--model", required=True, metavar="PATH")
     p.add_argument("--kt-weight-path", metavar="PATH")
     p.add_argument("--no-speculative", action="store_true", help="leave out the MTP (EAGLE) flags")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.add_argument("--host-facts", metavar="DIR",
+                   help="print the command for a host recorded with `doctor --record DIR` (implies --dry-run)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra sglang flags")
-    p.set_defaults(module="launch")
+    p.set_defaults(handler=cmd_launch)
+
+    p = sub.add_parser("convert", help="convert the MXFP4 routed experts to AMXINT4 CPU weights (kt-kernel's script)")
+    _arch_args(p)
+    _common(p)
+    p.add_argument("--prefix", help="the env to run the script in (default: .envs/<arch>)")
+    p.add_argument("--model", required=True, metavar="PATH", help="the DeepSeek-V4 checkpoint (MXFP4 experts)")
+    p.add_argument("--output", required=True, metavar="PATH", help="where the converted experts go (--kt-weight-path)")
+    p.add_argument("--kt-source", required=True, metavar="CHECKOUT",
+                   help="a ktransformers checkout: its kt-kernel/scripts/convert_cpu_weights_ds4.py runs")
+    p.add_argument("--threadpool-count", type=int, metavar="N",
+                   help="threadpool slots to write (default: this host's NUMA nodes, what launch will use)")
+    p.add_argument("--cpuinfer", type=int, metavar="N", help="conversion threads (default: this host's physical cores)")
+    p.add_argument("--host-facts", metavar="DIR", help="take NUMA and cores from a `doctor --record` recording")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_convert)
     return top
+
+
+# --- the target -------------------------------------------------------------------
+
+def _spec(args):
+    from .spec import load
+
+    return load(args.envs)
+
+
+def _target(args, spec=None, follow_stamp: bool = True):
+    from .target import resolve
+
+    return resolve(spec or _spec(args), args.arch, stack=args.stack, lock_root=args.lock_dir,
+                   prefix=getattr(args, "prefix", None), follow_stamp=follow_stamp)
+
+
+def _print(report, as_json: bool, render) -> None:
+    print(json.dumps(report, indent=1, sort_keys=True, default=str) if as_json else render(report))
+
+
+def _errors(errors: list[KtenvError]) -> int:
+    """Every arch's error, not just the first; the exit code of the first."""
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return errors[0].exit_code if errors else 0
+
+
+# --- the commands -----------------------------------------------------------------
+
+def cmd_lock(args) -> int:
+    from .lock import make
+
+    spec = _spec(args)
+    archs = spec.supported_archs() if args.all else [args.arch]
+    for a in archs:
+        spec.arch(a)  # refuse unknown/unsupported archs before any work
+    if args.out and len(archs) > 1:
+        raise KtenvError("--out names one directory; use it with --arch, not --all.")
+    targets = {a: Path(args.out) if args.out else make.lock_dir(Path(args.lock_dir), spec, a, args.stack) for a in archs}
+    if args.check:
+        extra = []
+        if any((d / "conda-lock.yml").exists() for d in targets.values()):
+            from .lock import conda
+
+            extra.append(lambda a, d: (d / conda.LOCK_FILE).exists() and conda.check(spec, a, d, channel_url=args.channel))
+        return _errors(make.check_archs(spec, archs, args.stack, targets, disabled=tuple(args.no_rule), extra_checks=extra))
+    errors = make.lock_archs(spec, archs, args.stack, targets, upgrade=args.upgrade, offline=args.offline,
+                             disabled=tuple(args.no_rule))
+    if errors:
+        return _errors(errors)
+    if args.conda:
+        from .lock import conda
+
+        for a in archs:
+            conda.lock(spec, a, out_dir=targets[a], channel_url=args.channel, stack_version=args.stack)
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .lock import explain
+
+    t = _target(args, follow_stamp=False)
+    _print(explain.report(t.spec, t.arch.name, t.stack, t.lock_dir), args.json, explain.render)
+    return 0
+
+
+def cmd_env(args) -> int:
+    from .build import pipeline
+    from .progress import Progress
+
+    t = _target(args, follow_stamp=False)
+    if args.backend == "conda":
+        # The conda prefix brings the system layer (nvcc, compilers, hwloc);
+        # the PyPI layer goes into its python from the same hashed lock.
+        from .build import conda
+
+        conda.build_conda_prefix(t.spec, t.arch.name, t.prefix, channel_url=args.channel, lock_dir=t.lock_dir, progress=print)
+        return 0
+    opts = pipeline.Options(python=args.python, kt_source=args.kt_source, target_isa=args.target_isa, wait=not args.no_wait)
+    _print(pipeline.build(t, opts, Progress()), args.json, pipeline.summary)
+    return 0
+
+
+def cmd_smoke(args) -> int:
+    from .check import smoke
+
+    report = smoke.smoke(smoke.context(_target(args)), args.tier or smoke.TIERS)
+    _print(report, args.json, smoke.render)
+    return 0 if report["ok"] else 1
+
+
+def cmd_audit(args) -> int:
+    from .check import audit
+
+    report = audit.audit(_target(args).require_env())
+    _print(report, args.json, audit.render)
+    return 0 if report["ok"] else 1
+
+
+def cmd_doctor(args) -> int:
+    from .check import doctor
+    from .host import facts
+
+    if args.record:
+        print(f"recorded this host's facts into {facts.record(args.record)}")
+        return 0
+    spec = _spec(args)
+    host = facts.recorded_facts(args.host_facts) if args.host_facts else facts.live_facts()
+    report = doctor.collect(spec, host)
+    _print(report, args.json, lambda r: doctor.render(r).rstrip("\n"))
+    # Non-zero when something would stop a server, so scripts can gate on it.
+    return 0 if report["ok"] else 1
+
+
+def _recorded(args):
+    from .host import facts
+
+    return facts.recorded_facts(args.host_facts) if getattr(args, "host_facts", None) else None
+
+
+def cmd_launch(args) -> int:
+    from .serve import launch
+
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    if args.host_facts:
+        args.dry_run = True  # a command for another machine is printed, never run here
+    cmd = launch.command_for(_target(args), args.model, kt_weight_path=args.kt_weight_path,
+                             speculative=not args.no_speculative, extra=extra, dry_run=args.dry_run,
+                             facts=_recorded(args))
+    for n in cmd.notes:
+        print(f"note: {n}", file=sys.stderr)
+    if args.dry_run:
+        print(cmd.shell(), end="")
+        return 0
+    print(cmd.shell(), end="", file=sys.stderr)
+    launch.execute(cmd)
+    return 0  # not reached
+
+
+def cmd_convert(args) -> int:
+    from .progress import Progress
+    from .serve import convert
+
+    target = _target(args)
+    manifest = convert.convert(target, args.model, args.output, args.kt_source, facts=_recorded(args),
+                               pools=args.threadpool_count, threads=args.cpuinfer,
+                               progress=Progress(quiet=args.json))
+    _print(manifest, args.json, lambda m: convert.render(m, target))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        module = importlib.import_module(f"ktenv.{args.module}")
-        return int(module.run(args) or 0)
+        return int(args.handler(args) or 0)
     except KtenvError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -16,6 +16,8 @@ let
     addErrorContext
     all
     attrNames
+    elem
+    elemAt
     filter
     fromJSON
     fromTOML
@@ -36,6 +38,8 @@ let
     ;
   cuda = import ./cuda.nix;
   hook = import ./hook.nix;
+  packageNames = import ./packages.nix;
+  uvRelease = import ./uv.nix;
 
   label = file: "${baseNameOf (toString envsDir)}/${file}";
   fail = file: msg: throw "ktenv: ${label file}: ${msg}";
@@ -82,28 +86,57 @@ let
   pythonAttr = "python" + replaceStrings [ "." ] [ "" ] python;
   stackEnv = envTable "stack.toml" stackData;
 
-  # ktenv's own Python dependencies, by name, from pyproject.toml: the shell's
-  # Python must run build.py before any env exists.
-  pythonPackages =
+  # ktenv's own Python dependencies, from pyproject.toml: the shell's Python
+  # must run build.py before any env exists. nix/packages.nix says how the
+  # shell provides each one; a dependency it does not know (or a name it
+  # lists that pyproject no longer has) fails here, not at `nix develop` time.
+  pyprojectDeps =
     let
       project = (fromTOML (readFile pyproject)).project or { };
-      deps = project.dependencies or [ ];
       upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
       lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
       # PEP 503 normalisation, which is also how nixpkgs names Python packages.
       squash = s: let t = replaceStrings [ "--" ] [ "-" ] s; in if t == s then s else squash t;
       canonical = n: squash (replaceStrings ([ "_" "." ] ++ upper) ([ "-" "-" ] ++ lower) n);
-      nameOf =
+      parse =
         d:
         let
-          m = match "[[:space:]]*([A-Za-z0-9][A-Za-z0-9._-]*).*" d;
+          m = match "[[:space:]]*([A-Za-z0-9][A-Za-z0-9._-]*)[[:space:]]*(==[[:space:]]*([^;[:space:]]+))?.*" d;
         in
         if m == null then
           throw "ktenv: pyproject.toml: dependency ${toJSON d} does not start with a package name."
         else
-          canonical (head m);
+          {
+            name = canonical (head m);
+            pinned = elemAt m 2;
+          };
     in
-    map nameOf deps;
+    map parse (project.dependencies or [ ]);
+
+  pythonPackages =
+    let
+      names = map (d: d.name) pyprojectDeps;
+      known = attrNames packageNames.python ++ attrNames packageNames.pythonOtherwise;
+      unknown = filter (n: !(elem n known)) names;
+      stale = filter (n: !(elem n names)) known;
+    in
+    if unknown != [ ] then
+      throw "ktenv: pyproject.toml depends on ${head unknown}, which nix/packages.nix neither maps to a nixpkgs Python package (`python`) nor lists as provided otherwise (`pythonOtherwise`, with the reason). Add it to one of them, checking that the nixpkgs attribute exists at the revision flake.lock pins."
+    else if stale != [ ] then
+      throw "ktenv: nix/packages.nix lists the Python dependency ${head stale}, which pyproject.toml no longer has. Remove it from nix/packages.nix."
+    else
+      map (n: packageNames.python.${n}) (filter (n: packageNames.python ? ${n}) names);
+
+  # The uv the shells put on PATH must be the one pyproject.toml pins.
+  uvPin =
+    let
+      pins = map (d: d.pinned) (filter (d: d.name == "uv") pyprojectDeps);
+      want = if pins == [ ] then null else head pins;
+    in
+    if want != null && want != uvRelease.version then
+      throw "ktenv: pyproject.toml pins uv==${want}, but nix/uv.nix fetches uv ${uvRelease.version}. Point nix/uv.nix at uv-${want}-py3-none-musllinux_1_1_x86_64.whl on PyPI (its URL and published sha256), so that the shells run the uv that makes byte-identical locks."
+    else
+      uvRelease;
 
   smNumber = name: fromJSON (substring 2 (stringLength name - 2) name);
   bySm = a: b: smNumber a < smNumber b;
@@ -171,48 +204,20 @@ let
           ;
         inherit computeCapability;
         cudaPackages = cuda.attrName cudaVersion;
+        # allowUnfree is all the CUDA packages need. cudaSupport (and
+        # cudaCapabilities) would change how every CUDA-capable package in
+        # the closure is built (hwloc, for one, gains a CUDA build), so none
+        # of them would come from a binary cache; the arch reaches the JIT
+        # compilers through TORCH_CUDA_ARCH_LIST and friends ([env]) instead.
         nixpkgsConfig = {
           allowUnfree = true;
-          cudaSupport = true;
-          cudaCapabilities = [ computeCapability ];
         };
         # Attribute names only; nix/shell.nix looks them up in nixpkgs.
-        packages = {
-          # In the arch's cudaPackages set. What the JIT paths (flashinfer,
-          # sglang's jit kernels, kt-kernel's CUDA build) compile with: nvcc, and
-          # against: the runtime, CCCL (libcu++/CUB), NVRTC, cuBLAS headers for
-          # flashinfer's GEMM modules, and the profiler API header that
-          # PyTorch's CUDA headers include.
-          cuda = {
-            native = [ "cuda_nvcc" ];
-            libraries = [
-              "cuda_cudart"
-              "cuda_cccl"
-              "cuda_nvrtc"
-              "cuda_profiler_api"
-              "libcublas"
-            ];
-          };
-          # The CUDA set's stdenv: a host compiler this nvcc accepts.
-          stdenv = "backendStdenv";
-          tools = [
-            "cmake"
-            "ninja"
-            "pkg-config"
-            "git"
-            "uv"
-          ];
-          # Headers and pkg-config files for kt-kernel source builds (hwloc and
-          # libnuma are hard requirements), and runtime libraries that PyPI
-          # wheels expect to find on a regular distribution.
-          libraries = [
-            "hwloc"
-            "numactl"
-            "zlib"
-          ];
+        packages = removeAttrs packageNames [ "python" "pythonOtherwise" ] // {
           python = pythonAttr;
           inherit pythonPackages;
         };
+        uv = uvPin;
         shellHook = hook { inherit name title; };
       };
 

@@ -115,7 +115,7 @@ def python_shim(interpreter: str, venv_cfg: bool = True) -> tuple[str, dict]:
 
 def build_channel(channel: Path, interpreter: str = sys.executable) -> Path:
     """The stand-in channel for envs/conda.toml's packages, indexed."""
-    from ktenv.conda import index_channel
+    from ktenv.lock.rattler import index_channel
 
     channel.mkdir(parents=True, exist_ok=True)
     glibc = "__glibc >=2.17,<3.0.a0"

@@ -13,54 +13,51 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def pytest_configure(config):
-    """Build the real 0.7.2 env (sm90) once, for the tests that import the stack.
+# The arch of the real env the stack tests use. The four 0.7.2 locks hold the
+# same packages; sm120 is the arch whose env can pass every CPU tier.
+TEST_ARCH = "sm90"
+FIXTURES = REPO / "tests" / "fixtures"
 
-    `python build.py env` is a no-op when the env is up to date (~0.2 s) and
-    takes seconds from a warm uv cache, ~1 min cold. Tests find its python in
-    KTENV_TEST_ENV_PYTHON; set that to use another env, or KTENV_TEST_SKIP_ENV=1
-    to skip those tests (each says why).
+
+@pytest.fixture(scope="session")
+def stack_env() -> Path:
+    """The prefix of a real 0.7.2 env built by ktenv's own pipeline (`build.py env`).
+
+    Built once per session, and only for the tests that ask for it: a no-op
+    (~0.2 s) when .envs/<TEST_ARCH> is up to date, seconds from a warm uv
+    cache, ~1 min cold. KTENV_TEST_ENV=PREFIX uses another env ktenv built.
+    A build that fails fails the tests that need it; it is never a skip.
     """
-    if os.environ.get("KTENV_TEST_ENV_PYTHON") or os.environ.get("KTENV_TEST_SKIP_ENV"):
-        return
-    prefix = REPO / ".envs" / "sm90"
-    p = subprocess.run([sys.executable, str(REPO / "build.py"), "env", "--arch", "sm90", "--prefix", str(prefix)],
+    given = os.environ.get("KTENV_TEST_ENV")
+    if given:
+        return Path(given).resolve()
+    prefix = REPO / ".envs" / TEST_ARCH
+    p = subprocess.run([sys.executable, str(REPO / "build.py"), "env", "--arch", TEST_ARCH, "--prefix", str(prefix)],
                        capture_output=True, text=True, cwd=REPO)
-    if p.returncode == 0:
-        os.environ["KTENV_TEST_ENV_PYTHON"] = str(prefix / "bin" / "python")
-    else:
-        os.environ["KTENV_TEST_ENV_ERROR"] = (p.stderr or p.stdout).strip()[-500:]
+    if p.returncode != 0:
+        pytest.fail(f"`build.py env --arch {TEST_ARCH}` failed, so the tests that need a real env cannot run:\n"
+                    f"{(p.stderr or p.stdout)[-2000:]}", pytrace=False)
+    return prefix
 
 
-def stack_python() -> Path | None:
-    """The real stack env's python, or None (then `stack_skip_reason()` says why)."""
-    py = os.environ.get("KTENV_TEST_ENV_PYTHON")
-    return Path(py) if py and Path(py).exists() else None
-
-
-def stack_skip_reason() -> str:
-    err = os.environ.get("KTENV_TEST_ENV_ERROR")
-    if err:
-        return f"the test env (.envs/sm90) could not be built: {err}"
-    return "no real stack env (KTENV_TEST_SKIP_ENV is set, or KTENV_TEST_ENV_PYTHON points nowhere)"
+@pytest.fixture(scope="session")
+def stack_python(stack_env) -> Path:
+    return stack_env / "bin" / "python"
 
 
 def sync_raw_env(dest: Path, arch: str = "sm90") -> Path:
     """A plain `uv venv` + `uv pip sync` of lock/<arch> at dest: no ktenv patches, no payload.
 
-    For tests that show what ktenv's own steps change. Skips (with uv's reason)
-    when the lock is absent or cannot be synced.
+    For tests that show what ktenv's own steps change.
     """
     from ktenv.tools import uv_bin
 
     lock_dir = REPO / "lock" / arch
-    if not (lock_dir / "requirements.txt").exists():
-        pytest.skip(f"lock/{arch} is not committed yet")
     subprocess.run([uv_bin(), "venv", "-q", "--python-preference", "only-system", "--python", "3.11", str(dest)], check=True)
     p = subprocess.run([uv_bin(), "pip", "sync", "-q", "--require-hashes", "--python", str(dest / "bin/python"),
                         str(lock_dir / "requirements.txt")], capture_output=True, text=True)
     if p.returncode != 0:
-        pytest.skip(f"could not sync lock/{arch} (network or uv cache): {p.stderr[-300:]}")
+        pytest.fail(f"could not sync lock/{arch}: {p.stderr[-600:]}", pytrace=False)
     return dest
 
 

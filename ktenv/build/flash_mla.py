@@ -22,8 +22,9 @@ which revision and why). So ktenv builds one, the way it builds kt-kernel:
              wheel is `1.0.0+<short commit>`, as upstream's own build names it.
   cache      <cache>/flash-mla/<key>/ by commit, CUTLASS commit, setup env,
              python, torch, torch's CUDA, nvcc and host compiler versions.
-  audit      cuobjdump (the pinned nvidia-cuda-cuobjdump) must list exactly
-             the pin's SASS (sm_90a) in the extension.
+  audit      cuobjdump (the caller passes check/cuobjdump's pinned one; else
+             $KTENV_CUOBJDUMP or the toolkit's) must list exactly the pin's
+             SASS (sm_90a) in the extension, and no PTX.
   install    `uv pip install --no-deps` into the env, then a probe imports it
              and checks the calls sglang-kt makes exist.
 
@@ -57,12 +58,14 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Mapping
 
+from .. import probe
 from ..errors import KtenvError
 from ..tools import uv_bin
 from .flash_mla_source import _IGNORED, Pin, check_source, find_cutlass, pin_for, tree_id  # noqa: F401 (re-exported)
 
-PROBE = Path(__file__).resolve().parent.parent / "probes" / "flash_mla_probe.py"
-MARK = "KTENV-RESULT "
+PROBE = "flash_mla_probe.py"
+# cuobjdump -lelf/-lptx lines: "ELF file    1: cuda.1.sm_90a.cubin"
+_CODE = re.compile(r"\b(ELF|PTX) file\s+\d+: \S*?\.(sm_\d+[af]?)\.(cubin|ptx)\b")
 MIN_SETUPTOOLS = (70, 1)  # bdist_wheel is built into setuptools from 70.1; the env has no `wheel`
 _STEP = re.compile(r"^\[(\d+)/(\d+)\]\s")
 
@@ -70,18 +73,10 @@ _STEP = re.compile(r"^\[(\d+)/(\d+)\]\s")
 # --- the env and the toolkit ---------------------------------------------------------
 
 def _probe(python: str, mode: str, timeout: float = 300) -> dict:
-    try:
-        p = subprocess.run([os.path.abspath(python), str(PROBE), mode], capture_output=True, text=True, timeout=timeout,
-                           cwd=tempfile.gettempdir())
-    except FileNotFoundError:
-        raise KtenvError(f"The environment's python {python} does not exist; build the environment first.") from None
-    except subprocess.TimeoutExpired:
-        raise KtenvError(f"The flash_mla probe ({mode}) did not finish within {timeout:.0f} s with {python}.") from None
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    raise KtenvError(f"The flash_mla probe ({mode}) printed no result with {python} (exit {p.returncode}). "
-                     f"stderr ends: {p.stderr.strip()[-600:]}")
+    run = probe.run(os.path.abspath(python), PROBE, [mode], timeout=timeout)
+    if run.result is None:
+        raise KtenvError(f"The flash_mla probe ({mode}) with {python} {run.why}.")
+    return run.result
 
 
 def _vtuple(text: str) -> tuple[int, ...]:
@@ -262,8 +257,13 @@ def _cxx_version(env: Mapping[str, str]) -> str | None:
 
 def build_wheel(source: str | Path, python: str, cuda_home: str | Path | None, pin: Pin, cache: str | Path,
                 progress: Callable[[str], None] = print, *, cutlass: str | Path | None = None,
-                jobs: int | None = None, environ: Mapping[str, str] | None = None, heartbeat: float = 60.0) -> Path:
-    """Check, then build (or reuse from the cache) the flash_mla wheel for this env; returns the wheel."""
+                jobs: int | None = None, environ: Mapping[str, str] | None = None, heartbeat: float = 60.0,
+                cuobjdump: str | None = None) -> Path:
+    """Check, then build (or reuse from the cache) the flash_mla wheel for this env; returns the wheel.
+
+    cuobjdump: the lister for the SASS audit (the check stage's pinned one, from
+    the caller); default $KTENV_CUOBJDUMP, else the toolkit's own bin/cuobjdump.
+    """
     problems = check_prerequisites(source, python, cuda_home, pin, cutlass, environ)
     if problems:
         raise KtenvError(f"Cannot build flash_mla from {source}; {len(problems)} prerequisite(s) missing:\n"
@@ -308,7 +308,8 @@ def build_wheel(source: str | Path, python: str, cuda_home: str | Path | None, p
             built = sorted((work / "dist").glob("*.whl"))
             if len(built) != 1:
                 raise KtenvError(f"The flash_mla build finished but left {len(built)} wheels in {work / 'dist'}; expected one.")
-            audit = audit_wheel(built[0], pin)
+            audit = audit_wheel(built[0], pin, cuobjdump or os.environ.get("KTENV_CUOBJDUMP")
+                                or str(home / "bin" / "cuobjdump"))
             meta = {"key": key, "inputs": inputs, "seconds": seconds, "jobs": jobs, "wheel": built[0].name,
                     "audit": audit, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             shutil.move(str(built[0]), work / built[0].name)
@@ -325,24 +326,37 @@ def build_wheel(source: str | Path, python: str, cuda_home: str | Path | None, p
                 shutil.rmtree(work, ignore_errors=True)
 
 
-def audit_wheel(wheel: str | Path, pin: Pin, cuobjdump: str | None = None) -> dict:
-    """The extension's SASS and PTX must be exactly the pin's SASS list (sm_90a), or KtenvError."""
-    from .. import audit as audit_mod  # the check stage owns cuobjdump; imported here only for this
+def _list_codes(cuobjdump: str, so: Path) -> tuple[list[str], list[str]]:
+    """(SASS codes, PTX codes) in one shared object. A small twin of check/cuobjdump.list_codes, which the
+    build stage may not import (it sits above build in the pipeline order)."""
+    found: dict[str, set] = {"ELF": set(), "PTX": set()}
+    for flag in ("-lelf", "-lptx"):
+        try:
+            p = subprocess.run([cuobjdump, flag, str(so)], capture_output=True, text=True, timeout=300)
+        except OSError as e:
+            raise KtenvError(f"cuobjdump ({cuobjdump}) does not run ({e}); the flash_mla build cannot be audited. "
+                             "Set KTENV_CUOBJDUMP to a cuobjdump binary.") from None
+        text = p.stdout + p.stderr
+        if p.returncode and "No PTX file found" not in text and "No ELF file found" not in text:
+            raise KtenvError(f"cuobjdump {flag} refused {so.name}: {' '.join(text.split())[-400:]}")
+        for kind, code, _ in _CODE.findall(text):
+            found[kind].add(code)
+    return sorted(found["ELF"]), sorted(found["PTX"])
 
-    tool = cuobjdump or audit_mod.find_cuobjdump()[0]
+
+def audit_wheel(wheel: str | Path, pin: Pin, cuobjdump: str) -> dict:
+    """The extension's SASS and PTX must be exactly the pin's SASS list (sm_90a), or KtenvError."""
     with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory(prefix="ktenv-flashmla-") as d:
         exts = [n for n in z.namelist() if re.fullmatch(r"flash_mla/cuda[^/]*\.so", n)]
         if len(exts) != 1:
             raise KtenvError(f"{Path(wheel).name} has {len(exts)} flash_mla/cuda*.so extensions, not one; it is not a "
                              "FlashMLA build ktenv knows.")
-        so = Path(z.extract(exts[0], d))
-        codes = audit_mod.list_codes(tool, so)
-    sass, ptx = sorted(codes.get("sass", {})), sorted(codes.get("ptx", {}))
-    if codes.get("error") or sass != sorted(pin.sass) or ptx:
+        sass, ptx = _list_codes(cuobjdump, Path(z.extract(exts[0], d)))
+    if sass != sorted(pin.sass) or ptx:
         raise KtenvError(f"The flash_mla extension in {Path(wheel).name} carries SASS {sass or 'none'} and PTX "
                          f"{ptx or 'none'}, but ktenv builds exactly SASS {', '.join(pin.sass)} for Hopper "
-                         f"({codes.get('error') or 'check the arch flags in the build log'}).")
-    return {"extension": exts[0], "sass": sass, "ptx": ptx, "cuobjdump": tool}
+                         "(check the arch flags in the build log).")
+    return {"extension": exts[0], "sass": sass, "ptx": ptx, "cuobjdump": cuobjdump}
 
 
 def verify(env_python: str) -> dict:
@@ -371,9 +385,10 @@ def install(env_python: str, wheel: str | Path) -> dict:
 
 def provide(env_python: str, source: str | Path, cuda_home: str | Path | None, pin: Pin, cache: str | Path,
             progress: Callable[[str], None] = print, *, cutlass: str | Path | None = None,
-            jobs: int | None = None) -> dict:
+            jobs: int | None = None, cuobjdump: str | None = None) -> dict:
     """Build (or reuse), install and verify flash_mla; the dict is the env stamp's `flash_mla` entry."""
-    wheel = build_wheel(source, env_python, cuda_home, pin, cache, progress, cutlass=cutlass, jobs=jobs)
+    wheel = build_wheel(source, env_python, cuda_home, pin, cache, progress, cutlass=cutlass, jobs=jobs,
+                        cuobjdump=cuobjdump)
     installed = install(env_python, wheel)
     meta = json.loads((wheel.parent / "build.json").read_text())
     progress(f"flash_mla {installed['version']} installed and imports ({', '.join(installed['ops'] or [])})")

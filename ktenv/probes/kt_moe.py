@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     report["seconds"] = round(time.perf_counter() - t0, 3)
     sys.stdout.flush()
     # fd 1 stays on stderr to the end: CPUInfer says goodbye at interpreter exit.
-    os.write(saved, (json.dumps(report) + "\n").encode())
+    os.write(saved, ("KTENV-RESULT " + json.dumps(report) + "\n").encode())
     os.close(saved)
     return code
 

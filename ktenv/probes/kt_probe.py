@@ -2,7 +2,7 @@
 
     <env>/bin/python kt_probe.py
 
-Prints one line `KTENV_KT_PROBE {json}` last on stdout (kt-kernel's C++ side
+Prints one line `KTENV-RESULT {json}` last on stdout (kt-kernel's C++ side
 may print its own lines before it). Exits 0 when the JSON says what happened,
 even when the import failed: the caller judges. Standard library plus
 kt_kernel only; ktenv is not importable here.
@@ -16,7 +16,7 @@ import os
 import sys
 import traceback
 
-MARKER = "KTENV_KT_PROBE"
+MARKER = "KTENV-RESULT"
 
 
 def main() -> int:

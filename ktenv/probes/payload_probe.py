@@ -1,7 +1,7 @@
 """Run with an env's python: where does sgl_kernel's own loader find its CUDA payload?
 
 Usage: python payload_probe.py <site-packages>
-Prints one JSON line: {"ok": bool, "root": path, "files": {...}, "error": str}.
+Prints one line `KTENV-RESULT {json}`: {"ok": bool, "root": path, "files": {...}, "error": str}.
 
 sgl_kernel/__init__.py imports torch and loads CUDA ops (it fails without a
 driver), so the package is stood up without running it: an empty module with
@@ -47,7 +47,7 @@ def main() -> int:
     except Exception as e:  # report, do not crash: the caller explains
         out.update(ok=False, error=f"{type(e).__name__}: {e}")
     out["seconds"] = round(time.monotonic() - t0, 2)
-    print(json.dumps(out))
+    print("KTENV-RESULT " + json.dumps(out))
     return 0
 
 

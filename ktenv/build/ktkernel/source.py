@@ -1,0 +1,413 @@
+"""Build kt-kernel from a ktransformers checkout, for a named CPU variant, with CUDA.
+
+setup.py's defaults follow the *build* machine (NATIVE, AMX switched on where
+the builder has it), so every toggle is set explicitly (variants.build_settings),
+prerequisites are checked first (each would fail minutes into CMake), the
+compile commands are read back afterwards, and the wheel is cached by
+(source commit, settings, Python, torch, nvcc).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+from ...errors import KtenvError
+from ...spec.model import KtKernel
+from .variants import ISA_MFLAG, build_settings, check_isa_name, compiler_flags
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(x) for x in m.groups() if x is not None) if m else ()
+
+
+def _run(cmd: list[str], env: Mapping[str, str] | None = None, input: str | None = None,
+         cwd: str | Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(env) if env is not None else None,
+                          input=input, cwd=cwd, timeout=timeout)
+
+
+def cxx_compiler(environ: Mapping[str, str] | None = None) -> str | None:
+    """The C++ compiler kt-kernel's CMake will use.
+
+    Its CMakeLists forces /usr/bin/g++ whenever /usr/bin/gcc and /usr/bin/g++
+    exist (unless USE_CONDA_TOOLCHAIN), ignoring CXX; otherwise CMake's usual
+    choice (CXX, then c++ on PATH).
+    """
+    env = os.environ if environ is None else environ
+    if Path("/usr/bin/gcc").exists() and Path("/usr/bin/g++").exists():
+        return "/usr/bin/g++"
+    for cand in (env.get("CXX"), "c++", "g++", "clang++"):
+        if cand and shutil.which(cand.split()[0], path=env.get("PATH")):
+            return shutil.which(cand.split()[0], path=env.get("PATH"))
+    return None
+
+
+def _find_nvcc(environ: Mapping[str, str]) -> str | None:
+    # The same places kt-kernel's setup.py looks, in its order.
+    home = environ.get("CUDA_HOME")
+    if home and (Path(home) / "bin/nvcc").exists():
+        return str(Path(home) / "bin/nvcc")
+    found = shutil.which("nvcc", path=environ.get("PATH"))
+    if found:
+        return found
+    for p in ("/usr/local/cuda/bin/nvcc", "/usr/bin/nvcc", "/usr/lib/nvidia-cuda-toolkit/bin/nvcc"):
+        if Path(p).exists():
+            return p
+    return None
+
+
+def _python_facts(python: str) -> dict:
+    code = (
+        "import json, sys, sysconfig, importlib.metadata as m\n"
+        "def v(d):\n"
+        "    try: return m.version(d)\n"
+        "    except Exception: return None\n"
+        "print(json.dumps({'version': sys.version.split()[0], 'abi': sysconfig.get_config_var('SOABI'),"
+        " 'include': sysconfig.get_paths()['include'], 'purelib': sysconfig.get_paths()['purelib'],"
+        " 'setuptools': v('setuptools'), 'torch': v('torch')}))\n"
+    )
+    try:
+        proc = _run([python, "-c", code])
+    except (FileNotFoundError, PermissionError):
+        raise KtenvError(f"The build python {python} does not exist or cannot run; point --python (or the env) "
+                         "at the interpreter of the environment kt-kernel is for.")
+    if proc.returncode != 0:
+        raise KtenvError(f"The build python {python} failed to report its version: {proc.stderr.strip()[-400:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _cublas_include(nvcc: str | None, py: dict) -> str | None:
+    """Where cublas_v2.h is: the CUDA toolkit's include dir, else the env's nvidia-cublas wheel.
+
+    kt-kernel's CUDA vendor header includes cublas_v2.h (declarations only,
+    nothing links against cuBLAS). Minimal toolkits (a bare nvcc + cudart)
+    lack it; torch's nvidia-cublas wheel in the target env carries it.
+    """
+    if nvcc:
+        inc = Path(nvcc).resolve().parent.parent / "include"
+        if (inc / "cublas_v2.h").exists():
+            return str(inc)
+    inc = Path(py["purelib"]) / "nvidia" / "cublas" / "include"
+    return str(inc) if (inc / "cublas_v2.h").exists() else None
+
+
+def check_build_prerequisites(kt: KtKernel, source: str | Path, python: str, target_isa: str,
+                              environ: Mapping[str, str] | None = None, *, cuda: bool = True,
+                              cxx: str | None = None) -> list[str]:
+    """Every reason a kt-kernel build from `source` would fail here; [] when none.
+
+    Checked before compiling because the build fails 3+ minutes in, deep inside
+    CMake, for each of these.
+    """
+    env = dict(os.environ if environ is None else environ)
+    problems: list[str] = []
+    kt_dir = Path(source) / "kt-kernel"
+    if not (kt_dir / "setup.py").exists() or not (kt_dir / "CMakeLists.txt").exists():
+        problems.append(f"{source} is not a ktransformers checkout: {kt_dir}/setup.py and CMakeLists.txt are missing. "
+                        "Pass the repository root (the directory that contains kt-kernel/).")
+    for sub in ("pybind11", "llama.cpp"):
+        d = Path(source) / "third_party" / sub
+        if not (d / "CMakeLists.txt").exists():
+            problems.append(f"The git submodule third_party/{sub} is empty, and kt-kernel's CMake adds it as a "
+                            f"subdirectory. Run `git -C {source} submodule update --init third_party/pybind11 "
+                            "third_party/llama.cpp`.")
+    pkgconf = shutil.which("pkg-config", path=env.get("PATH"))
+    if not pkgconf:
+        problems.append("pkg-config is not on PATH; kt-kernel's CMake finds hwloc through it. Install it "
+                        "(Debian/Ubuntu: apt install pkg-config).")
+    elif _run([pkgconf, "--exists", "hwloc"], env=env).returncode != 0:
+        problems.append("pkg-config cannot find hwloc (no hwloc.pc), which kt-kernel's CMake requires. Install "
+                        "the hwloc development files (Debian/Ubuntu: apt install libhwloc-dev; Fedora: "
+                        "dnf install hwloc-devel) or add their pkgconfig dir to PKG_CONFIG_PATH.")
+    cmake = shutil.which("cmake", path=env.get("PATH"))
+    if not cmake:
+        problems.append("cmake is not on PATH; kt-kernel's setup.py runs it. Install CMake >= 3.16 "
+                        "(apt install cmake, or `pip install cmake` into the build python).")
+    else:
+        ver = _version_tuple(_run([cmake, "--version"], env=env).stdout)
+        if ver < kt.min_cmake:
+            problems.append(f"cmake {'.'.join(map(str, ver)) or '?'} at {cmake} is older than 3.16, which "
+                            "kt-kernel's CMakeLists.txt requires. Install a newer CMake.")
+    cxx = cxx or cxx_compiler(env)
+    if not cxx:
+        problems.append("No C++ compiler found (no /usr/bin/g++, CXX, c++ or g++ on PATH). Install g++ >= 11 "
+                        "(apt install g++).")
+    else:
+        probe = "#include <numa.h>\n#include <omp.h>\n#include <concepts>\nint main(){return numa_available() + omp_get_max_threads();}\n"
+        with tempfile.TemporaryDirectory() as tmp:
+            base = [cxx, "-std=c++20", "-fopenmp", "-x", "c++", "-", "-o", os.path.join(tmp, "a.out")]
+            r = _run(base + ["-lnuma"], env=env, input=probe)
+            if r.returncode != 0:
+                err = r.stderr
+                if "numa.h" in err:
+                    problems.append(f"{cxx} cannot find numa.h; kt-kernel includes it. Install the libnuma "
+                                    "development files (Debian/Ubuntu: apt install libnuma-dev; Fedora: "
+                                    "dnf install numactl-devel).")
+                elif "omp.h" in err or "fopenmp" in err:
+                    problems.append(f"{cxx} has no OpenMP (omp.h / -fopenmp), which kt-kernel's CMake requires. "
+                                    "Install GCC's libgomp development files (they come with g++ on Debian).")
+                elif "-lnuma" in err or "cannot find" in err:
+                    problems.append(f"{cxx} cannot link -lnuma; kt-kernel's CMake stops with 'NUMA library not "
+                                    "found'. Install libnuma-dev (Debian/Ubuntu) or numactl-devel (Fedora).")
+                else:
+                    problems.append(f"{cxx} cannot compile C++20 with OpenMP and libnuma (kt-kernel needs all "
+                                    f"three): {err.strip()[-300:]}. Use g++ >= 11.")
+            isa = compiler_flags(kt, target_isa) if target_isa in kt.variants else []
+            r = _run([cxx, *isa, "-x", "c++", "-c", "-", "-o", os.path.join(tmp, "b.o")], env=env,
+                     input="int main(){return 0;}\n")
+            if isa and r.returncode != 0:
+                problems.append(f"{cxx} rejects the {target_isa} flags ({' '.join(isa)}): "
+                                f"{r.stderr.strip()[-200:]}. AMX needs GCC >= 11, AVX512-BF16 GCC >= 10.")
+    py = None
+    try:
+        py = _python_facts(python)
+    except KtenvError as e:
+        problems.append(str(e))
+    if py is not None:
+        st = py.get("setuptools")
+        if not st:
+            problems.append(f"setuptools is not installed in the build python {python}; kt-kernel builds "
+                            "with it. Install setuptools >= 77 there.")
+        elif _version_tuple(st) < kt.min_setuptools:
+            problems.append(f"setuptools {st} in {python} is too old: kt-kernel's pyproject.toml uses the "
+                            "`license = \"...\"` string form, which setuptools < 77 rejects (kt-kernel declares "
+                            ">= 61, which is wrong). Install setuptools >= 77 there.")
+        if not Path(py["include"], "Python.h").exists():
+            problems.append(f"Python.h is missing for {python} ({py['include']}); pybind11 needs the "
+                            "interpreter's headers (Debian: apt install python3-dev, or use a full CPython build).")
+    nvcc = _find_nvcc(env) if cuda else None
+    if cuda and not nvcc:
+        problems.append("nvcc was not found (CUDA_HOME/bin, PATH, /usr/local/cuda/bin). ktenv builds kt-kernel "
+                        "with CUDA (CPUINFER_USE_CUDA=1) because SGLang's hybrid path needs "
+                        "submit_with_cuda_stream (#1760). Install the CUDA toolkit or set CUDA_HOME.")
+    elif py is not None and not _cublas_include(nvcc, py):
+        problems.append(f"cublas_v2.h is in neither the CUDA toolkit of {nvcc} nor the env's nvidia-cublas "
+                        "wheel; kt-kernel's CUDA header includes it. Install the toolkit's cuBLAS headers "
+                        "(e.g. cuda-libraries-dev) or install torch (with nvidia-cublas) into the env first.")
+    return problems
+
+
+def _git(source: Path, *args: str) -> str | None:
+    try:
+        r = _run(["git", "-C", str(source), *args])
+    except FileNotFoundError:
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def source_identity(source: str | Path) -> dict:
+    """What the build's source is: commit, uncommitted changes, submodule heads.
+
+    A checkout that is not a git repository is identified by the hash of its
+    kt-kernel/ files, so an edit still invalidates the cache.
+    """
+    src = Path(source).resolve()
+    ident: dict = {"path": str(src)}
+    commit = _git(src, "rev-parse", "HEAD")
+    if commit:
+        ident["commit"] = commit
+        # Only kt-kernel/ and the two submodules it builds matter; the rest of the repo does not.
+        diff = _git(src, "diff", "HEAD", "--", "kt-kernel", "version.py") or ""
+        untracked = _git(src, "ls-files", "--others", "--exclude-standard", "--", "kt-kernel") or ""
+        ident["dirty"] = hashlib.sha256((diff + "\0" + untracked).encode()).hexdigest()[:16] if (diff or untracked) else None
+    else:
+        h = hashlib.sha256()
+        for p in sorted((src / "kt-kernel").rglob("*")):
+            if p.is_file() and "build" not in p.relative_to(src / "kt-kernel").parts[:1] and ".egg-info" not in str(p):
+                h.update(str(p.relative_to(src)).encode() + b"\0" + p.read_bytes())
+        ident["tree"] = h.hexdigest()[:16]
+    subs = {}
+    for sub in ("pybind11", "llama.cpp"):
+        d = src / "third_party" / sub
+        subs[sub] = _git(d, "rev-parse", "HEAD") if (d / ".git").exists() else None
+    ident["submodules"] = subs
+    pinned = {}
+    for sub in ("pybind11", "llama.cpp"):
+        line = _git(src, "ls-tree", "HEAD", f"third_party/{sub}") if commit else None
+        pinned[sub] = line.split()[2] if line and len(line.split()) > 2 else None
+    ident["submodules_pinned"] = pinned
+    return ident
+
+
+def _tool_version(cmd: list[str]) -> str | None:
+    try:
+        r = _run(cmd)
+    except (FileNotFoundError, PermissionError):
+        return None
+    out = (r.stdout or r.stderr).strip().splitlines()
+    return (out[0] if cmd[0].endswith("++") else out[-1]) if out else None
+
+
+def cache_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+_PERCENT = re.compile(r"^\[\s*(\d+)%\]")
+
+
+def _run_logged(cmd: list[str], cwd: Path, env: Mapping[str, str], log: Path,
+                progress: Callable[[str], None]) -> int:
+    """Run cmd, every line to `log`, CMake's [ NN%] steps to progress (each percent once)."""
+    last = -1
+    with open(log, "w") as fh, subprocess.Popen(cmd, cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
+                                                 stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(line)
+            m = _PERCENT.match(line)
+            if m and int(m.group(1)) // 10 != last // 10:
+                last = int(m.group(1))
+                progress(f"kt-kernel build {last:3d}%: {line[m.end():].strip()[:100]}")
+        return proc.wait()
+
+
+def verify_compile_flags(kt: KtKernel, build_dir: Path, target_isa: str) -> dict:
+    """Read CMake's compile_commands.json: did every translation unit get exactly the ISA flags asked for?
+
+    The guard against a build that quietly follows the build machine
+    (-march=native) or leaks a higher ISA into a lower variant (upstream
+    fixed AVX512 flags leaking into the AVX2 wheel in #2164).
+    """
+    files = sorted(build_dir.rglob("compile_commands.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise KtenvError(f"The kt-kernel build left no compile_commands.json under {build_dir}; cannot check "
+                         "which instructions it was compiled for.")
+    want = set(compiler_flags(kt, target_isa))
+    bad: dict[str, list[str]] = {}
+    units = 0
+    for entry in json.loads(files[-1].read_text()):
+        args = entry.get("arguments") or entry.get("command", "").split()
+        isa = {a for a in args if ISA_MFLAG.match(a)}
+        units += 1
+        if isa != want and str(entry.get("file", "")).endswith((".c", ".cpp", ".cc")):
+            extra, missing = sorted(isa - want), sorted(want - isa)
+            bad[entry["file"]] = [f"+{x}" for x in extra] + [f"-{x}" for x in missing]
+    if bad:
+        first = next(iter(bad.items()))
+        raise KtenvError(
+            f"The kt-kernel build for {target_isa} compiled {len(bad)} of {units} files with other ISA flags "
+            f"than asked for (e.g. {first[0]}: {' '.join(first[1])}); the wheel would not match the CPU it "
+            "is meant for. Check CMAKE_ARGS/CFLAGS in your environment, or report it upstream.")
+    return {"compile_commands": str(files[-1]), "units": units, "isa_flags": sorted(want)}
+
+
+def build_from_source(kt: KtKernel, source: str | Path, target_isa: str, python: str, cache_dir: str | Path,
+                      progress: Callable[[str], None] = print, *, cuda_archs: str | None = None,
+                      parallel: int | None = None, environ: Mapping[str, str] | None = None,
+                      cuda: bool = True) -> Path:
+    """Build (or reuse) a kt-kernel wheel from <source>/kt-kernel for target_isa; returns the wheel.
+
+    python: the interpreter of the env the wheel is for (its ABI, setuptools
+    and torch version go into the wheel and the cache key).
+    Cached in <cache_dir>/kt-kernel/<key>/ by source commit (+ local edits and
+    submodule heads), the CPUINFER_* settings, python version, torch version,
+    compiler and nvcc versions. Builds run one at a time per cache dir.
+    """
+    target_isa = check_isa_name(kt, target_isa)
+    src = Path(source).resolve()
+    env = dict(os.environ if environ is None else environ)
+    problems = check_build_prerequisites(kt, src, python, target_isa, env, cuda=cuda)
+    if problems:
+        raise KtenvError(f"Cannot build kt-kernel from {src}; {len(problems)} prerequisite(s) missing:\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+    py = _python_facts(python)
+    nvcc = _find_nvcc(env) if cuda else None
+    settings = build_settings(kt, target_isa, cuda_archs, cuda=cuda)
+    ident = source_identity(src)
+    for sub, head in ident["submodules"].items():
+        pin = ident["submodules_pinned"].get(sub)
+        if head and pin and head != pin:
+            progress(f"note: third_party/{sub} is at {head[:12]}, the checkout pins {pin[:12]}; "
+                     "building with what is there.")
+    nvcc_version = _tool_version([nvcc, "--version"]) if nvcc else None
+    inputs = {
+        "source": {k: v for k, v in ident.items() if k != "path"},
+        "settings": settings,
+        "python": py["version"], "abi": py["abi"], "torch": py["torch"],
+        "cxx": _tool_version([cxx_compiler(env) or "c++", "--version"]),
+        "nvcc": nvcc_version,
+        "cmake_args": env.get("CMAKE_ARGS", ""),
+    }
+    return build_wheel_cached(kt, src, inputs, settings, python, Path(cache_dir), progress, target_isa=target_isa,
+                              parallel=parallel, environ=env, nvcc=nvcc, py=py)
+
+
+def build_wheel_cached(kt: KtKernel, src: Path, inputs: dict, settings: dict[str, str], python: str, cache_dir: Path,
+                       progress: Callable[[str], None] = print, *, target_isa: str | None = None,
+                       parallel: int | None = None, environ: Mapping[str, str] | None = None,
+                       nvcc: str | None = None, py: dict | None = None) -> Path:
+    """The cache and build step of build_from_source, without its prerequisite checks.
+
+    inputs: everything that identifies the result (the cache key is its hash);
+    target_isa: when given, the compile flags are checked after the build.
+    """
+    env = dict(os.environ if environ is None else environ)
+    py = py or _python_facts(python)
+    key = cache_key(inputs)
+    entry = cache_dir / "kt-kernel" / key
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / ".lock", "w") as lock:
+        # One build at a time: each compiler process takes ~3.5 GB, and two
+        # builds of one checkout would share its build/ directory.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        wheels = sorted(entry.glob("*.whl"))
+        if wheels and (entry / "build.json").exists():
+            progress(f"kt-kernel wheel for {target_isa or 'this source'} from the cache: {wheels[0]}")
+            return wheels[0]
+        work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
+        work.chmod(0o755)  # mkdtemp makes it 0700; a cache may be shared
+        try:
+            benv = {k: v for k, v in env.items() if not k.startswith("CPUINFER_")}
+            benv.update(settings)
+            benv["CPUINFER_PARALLEL"] = str(parallel or max(1, min(os.cpu_count() or 1, 2)))
+            # A pip-installed cmake in the build env should win over none at all.
+            benv["PATH"] = os.pathsep.join([str(Path(python).parent), benv.get("PATH", "")])
+            if nvcc and "CPUINFER_USE_CUDA" in settings:
+                inc = _cublas_include(nvcc, py)
+                if inc and not (Path(nvcc).resolve().parent.parent / "include" / "cublas_v2.h").exists():
+                    benv["CPATH"] = os.pathsep.join(p for p in (inc, benv.get("CPATH", "")) if p)
+                    progress(f"note: cublas_v2.h taken from {inc} (the toolkit of {nvcc} has none)")
+            out = work / "dist"
+            code = ("import sys\nfrom setuptools import build_meta as b\n"
+                    "print('KTENV_WHEEL', b.build_wheel(sys.argv[1]))\n")
+            progress(f"building kt-kernel for {target_isa or 'the given settings'} from {src} "
+                     f"({benv['CPUINFER_PARALLEL']} jobs; a few minutes per variant), log: {work / 'build.log'}")
+            t0 = time.monotonic()
+            rc = _run_logged([python, "-c", code, str(out)], src / "kt-kernel", benv, work / "build.log", progress)
+            seconds = round(time.monotonic() - t0, 1)
+            if rc != 0:
+                keep = entry.parent / f"failed-{key}.log"
+                shutil.copy(work / "build.log", keep)
+                tail = "".join((work / "build.log").read_text(errors="replace").splitlines(True)[-25:])
+                raise KtenvError(f"Building kt-kernel from {src} for {target_isa or 'the given settings'} failed (exit {rc}) after "
+                                 f"{seconds} s. Full log: {keep}. It ends:\n{tail}")
+            wheels = sorted(out.glob("*.whl"))
+            if len(wheels) != 1:
+                raise KtenvError(f"The kt-kernel build finished but left {len(wheels)} wheels in {out}; "
+                                 "expected one. See the log in the cache.")
+            checked = verify_compile_flags(kt, src / "kt-kernel" / "build", target_isa) if target_isa else {}
+            meta = {"key": key, "inputs": inputs, "settings": settings, "target_isa": target_isa, "seconds": seconds,
+                    "wheel": wheels[0].name, "flags_check": checked,
+                    "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            shutil.move(str(wheels[0]), work / wheels[0].name)
+            (work / "build.json").write_text(json.dumps(meta, indent=1) + "\n")
+            shutil.rmtree(out, ignore_errors=True)
+            if entry.exists():
+                shutil.rmtree(entry)
+            work.rename(entry)  # atomic: a cache entry is complete or absent
+            progress(f"kt-kernel wheel built in {seconds} s: {entry / meta['wheel']}")
+            return entry / meta["wheel"]
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)

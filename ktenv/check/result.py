@@ -1,0 +1,98 @@
+"""What every smoke tier reports, and the context it runs in.
+
+A result is passed, failed, needs-gpu (it could only fail here for want of
+the NVIDIA driver, and the evidence says so) or skipped (with the reason);
+nothing that did not run is ever reported as passed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
+
+from .. import probe as proberun
+from ..lock.model import Entry, Lock
+from ..spec import Arch, Spec
+from ..target import Target
+
+PASSED, FAILED, NEEDS_GPU, SKIPPED = "passed", "failed", "needs-gpu", "skipped"
+# Module imports are CPU-bound: one process per core.
+IMPORT_WORKERS = os.cpu_count() or 2
+IMPORT_TIMEOUT = 600
+
+
+@dataclass
+class Result:
+    tier: str
+    name: str
+    status: str
+    evidence: str
+    remedy: str = ""
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    target: Target
+    env: dict  # the environment every probe runs with (see child_env)
+    cpu_flags: frozenset = frozenset()
+    workers: int = IMPORT_WORKERS
+    modules: list[str] | None = None  # restrict the import sweep (tests); None = all
+    extra_args: list[str] = field(default_factory=list)  # extra server flags (launch tiers)
+    work: Path | None = None  # where launch-gpu keeps its model and log
+
+    @property
+    def spec(self) -> Spec:
+        return self.target.spec
+
+    @property
+    def arch(self) -> Arch:
+        return self.target.arch
+
+    @property
+    def prefix(self) -> Path:
+        return self.target.prefix
+
+    @property
+    def python(self) -> Path:
+        return self.target.python
+
+    @property
+    def lock(self) -> Lock:
+        return self.target.lock
+
+    @cached_property
+    def requirements(self) -> list[dict]:
+        """name, version and marker of every locked package (what the inventory probe compares)."""
+        return [{"name": e.name, "version": e.version, "marker": e.marker} for e in self.lock.entries()]
+
+    def remedy_rebuild(self) -> str:
+        return f"Rebuild the env: {self.target.build_hint()}"
+
+
+def child_env(target: Target, base: dict | None = None) -> dict:
+    """os.environ plus the stack's and arch's [env] (what a launch sets), made safe for probing."""
+    extra = {k: v for k, v in target.inputs.env.items() if k not in (base if base is not None else os.environ)}
+    return proberun.child_env(base, extra)
+
+
+def probe(ctx: Context, script: str, args: list[str], stdin: dict | None = None,
+          timeout: float = IMPORT_TIMEOUT, env: dict | None = None) -> tuple[dict | None, str]:
+    """Run probes/<script> with the env's python: (its report or None, why not)."""
+    run = proberun.run(ctx.python, script, args, stdin=stdin, timeout=timeout, env=env or ctx.env)
+    return run.result, run.why
+
+
+def version(text: str | None) -> Version | None:
+    try:
+        return Version(text) if text else None
+    except InvalidVersion:
+        return None
+
+
+def entries_by_name(lock: Lock) -> dict[str, Entry]:
+    return {e.name: e for e in lock.entries()}

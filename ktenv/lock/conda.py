@@ -1,0 +1,298 @@
+"""The conda lock: envs/conda.toml solved per arch into lock/<arch>/conda-lock.yml.
+
+Solving, indexing and installing conda packages is done by py-rattler (the
+engine behind pixi), so no conda, mamba or micromamba executable is needed.
+The lock is written in conda-lock's own format (version 1, the one
+`conda-lock install` and `micromamba create -f` read), together with the
+conda-lock inputs that reproduce it (`conda-environment.yml` and
+`conda-virtual-packages.yml`, for `conda-lock --virtual-package-spec`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
+
+from ..errors import KtenvError, LockStale, ResolveError, SpecError
+from .rattler import RattlerFailure
+from .rattler import call as _rattler
+
+LOCK_FILE = "conda-lock.yml"
+ENV_FILE = "conda-environment.yml"
+VIRTUAL_FILE = "conda-virtual-packages.yml"
+STAMP = ".ktenv-conda.json"
+PLACEHOLDERS = ("python", "cuda")
+
+
+@dataclass(frozen=True)
+class CondaInputs:
+    """Everything a conda lock for one arch depends on."""
+
+    arch: str
+    subdir: str
+    channels: tuple[str, ...]
+    specs: tuple[str, ...]
+    virtual: dict[str, str]
+    python: str
+    cuda: str
+    exclude_newer: str | None
+
+    def digest(self) -> str:
+        data = {
+            "subdir": self.subdir,
+            "channels": list(self.channels),
+            "specs": list(self.specs),
+            "virtual": dict(sorted(self.virtual.items())),
+            "exclude_newer": self.exclude_newer,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _glibc_of(platform: str) -> str:
+    # "x86_64-manylinux_2_35" -> "2.35": the wheels of the PyPI layer need
+    # that glibc anyway, so the conda layer may assume it too.
+    tag = platform.split("manylinux_", 1)
+    if len(tag) != 2 or not all(p.isdigit() for p in tag[1].split("_")):
+        raise SpecError(
+            f"envs/stack.toml: platform {platform!r} carries no manylinux_X_Y tag, so ktenv cannot "
+            "tell which glibc the conda lock may assume (__glibc). Use a tag like x86_64-manylinux_2_35."
+        )
+    return tag[1].replace("_", ".")
+
+
+def _cuda_of(spec, arch) -> str:
+    try:
+        stack, need = Version(spec.stack.cuda), Version(arch.min_cuda or spec.stack.cuda)
+    except InvalidVersion as e:
+        raise SpecError(f"CUDA versions must look like 12.8: {e}.") from None
+    if stack < need:
+        raise SpecError(
+            f"{arch.name} needs CUDA >= {arch.min_cuda} ({arch.source.name}: min_cuda), but the stack is "
+            f"built for CUDA {spec.stack.cuda} (envs/stack.toml: cuda). A conda lock for {arch.name} "
+            "would install an nvcc that cannot compile for this GPU. Raise `cuda` in envs/stack.toml "
+            "(and torch_cuda with it) or lower min_cuda if the arch really works with the older CUDA."
+        )
+    return spec.stack.cuda
+
+
+def load_inputs(spec, arch: str, python: str | None = None, stack_version: str | None = None,
+                channel_url: str | None = None, exclude_newer: str | None = "stack") -> CondaInputs:
+    """Read envs/conda.toml and fill it in for one arch.
+
+    `channel_url` replaces the channels of envs/conda.toml (a local mirror or
+    test channel). `exclude_newer` is the solve's cut-off: "stack" (the
+    default) takes the stack release's `exclude_newer`, None switches it off.
+    """
+    a = spec.arch(arch)
+    path = Path(spec.root) / "conda.toml"
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: file not found; the conda backend reads its package list from it.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: malformed TOML: {e}. Fix the file and rerun.") from None
+    unknown = set(data) - {"conda", "arch"}
+    if unknown:
+        raise SpecError(f"{path}: unknown top-level table(s) {', '.join(sorted(unknown))}; allowed: conda, arch.")
+    conda = data.get("conda", {})
+    unknown = set(conda) - {"channels", "subdir", "virtual", "packages"}
+    if unknown:
+        raise SpecError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} in [conda]; allowed: channels, subdir, virtual, packages.")
+    for name in data.get("arch", {}):
+        if name not in spec.archs:
+            raise SpecError(f"{path}: [arch.{name}] names an arch that has no envs/{name}.toml.")
+    virtual = {k: str(v) for k, v in conda.get("virtual", {}).items()}
+    for fixed in ("__cuda", "__glibc"):
+        if fixed in virtual:
+            raise SpecError(
+                f"{path}: [conda.virtual] sets {fixed}, which ktenv derives itself (__cuda from the arch's "
+                "CUDA, __glibc from envs/stack.toml's manylinux tag) so that the conda and PyPI layers "
+                "assume the same host. Remove it there and change envs/stack.toml or envs/sm*.toml instead."
+            )
+    cuda = _cuda_of(spec, a)
+    virtual["__cuda"] = cuda
+    virtual["__glibc"] = _glibc_of(spec.stack.platform)
+    python = python or spec.stack.python[0]
+    if python not in spec.stack.python:
+        raise SpecError(f"Python {python} is not one the stack is built for ({', '.join(spec.stack.python)}; envs/stack.toml).")
+    packages = dict(conda.get("packages", {}))
+    packages.update(data.get("arch", {}).get(arch, {}).get("packages", {}))
+    if "python" not in packages:
+        raise SpecError(f"{path}: [conda.packages] has no python; the PyPI layer is installed into the conda prefix's python.")
+    specs = []
+    for name, version in sorted(packages.items()):
+        try:
+            version = str(version).format(python=python, cuda=cuda)
+        except (KeyError, IndexError, ValueError):
+            raise SpecError(
+                f"{path}: the spec of {name} ({version!r}) uses a placeholder other than "
+                f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)}."
+            ) from None
+        specs.append(name if version in ("", "*") else f"{name} {version}")
+    if exclude_newer == "stack":
+        exclude_newer = spec.stack.release(stack_version).exclude_newer
+    channels = (channel_url,) if channel_url else tuple(conda.get("channels", ("conda-forge",)))
+    return CondaInputs(a.name, conda.get("subdir", "linux-64"), channels, tuple(specs), virtual, python, cuda, exclude_newer)
+
+
+def channel_to_url(channel: str) -> str:
+    """conda's short names (conda-forge) -> a URL; paths -> file:// URLs."""
+    if "://" in channel:
+        return channel.rstrip("/")
+    if channel.startswith("/") or channel.startswith("."):
+        return Path(channel).resolve().as_uri()
+    return f"https://conda.anaconda.org/{channel}"
+
+
+# --- lock -------------------------------------------------------------------
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        raise KtenvError("The conda backend reads and writes conda-lock's YAML: pip install PyYAML.") from None
+    return yaml
+
+
+def solve(inputs: CondaInputs) -> list[dict]:
+    """The packages rattler picks for these inputs, or a ResolveError that says why."""
+    try:
+        result = _rattler("solve", {
+            "channels": [channel_to_url(c) for c in inputs.channels], "specs": list(inputs.specs),
+            "virtual": inputs.virtual, "subdir": inputs.subdir, "exclude_newer": inputs.exclude_newer,
+        })
+    except RattlerFailure as e:
+        hint = ""
+        if e.kind == "SolverError" and inputs.exclude_newer:
+            hint = (
+                f" The solve only considered packages published before the stack's cut-off "
+                f"{inputs.exclude_newer} (envs/stack.toml); a channel indexed by rattler after that date "
+                "(a local mirror) stamps every package with its indexing time, so nothing qualifies."
+            )
+        raise ResolveError(
+            f"The conda packages of {inputs.arch} cannot be solved from {', '.join(inputs.channels)} "
+            f"for a host with {_vp_text(inputs.virtual)}.{hint}\nThe solver says:\n{e.message}\n"
+            "Change the specs in envs/conda.toml, or the CUDA/glibc the stack targets, and lock again."
+        ) from None
+    return result["records"]
+
+
+def _vp_text(virtual: dict[str, str]) -> str:
+    return ", ".join(f"{k} {virtual[k]}" for k in ("__cuda", "__glibc") if k in virtual)
+
+
+def lock(spec, arch: str, out_dir: Path | str | None = None, channel_url: str | None = None,
+         python: str | None = None, stack_version: str | None = None, exclude_newer: str | None = "stack",
+         progress=print) -> Path:
+    """Solve the arch's conda packages and write lock/<arch>/conda-lock.yml
+    (plus the conda-lock inputs next to it). Returns the lock's path."""
+    yaml = _yaml()
+    inputs = load_inputs(spec, arch, python, stack_version, channel_url, exclude_newer)
+    out = Path(out_dir) if out_dir else Path(spec.root).parent / "lock" / arch
+    progress(f"conda: solving {len(inputs.specs)} specs for {arch} ({_vp_text(inputs.virtual)}) from {', '.join(inputs.channels)}")
+    records = solve(inputs)
+    packages = []
+    for r in records:
+        if not (r["md5"] and r["sha256"]):
+            raise ResolveError(
+                f"{r['url']}: the channel's index gives no md5 or no sha256 for this package. conda-lock files "
+                "need the md5 and ktenv verifies both before installing; reindex the channel or pin another build."
+            )
+        packages.append({
+            "name": r["name"], "version": r["version"], "manager": "conda", "platform": inputs.subdir,
+            "dependencies": dict(sorted(r["dependencies"].items())), "url": r["url"],
+            "hash": {"md5": r["md5"], "sha256": r["sha256"]}, "build": r["build"],
+            "category": "main", "optional": False,
+        })
+    digest = inputs.digest()
+    doc = {
+        "version": 1,
+        "metadata": {
+            "content_hash": {inputs.subdir: digest},
+            "channels": [{"url": c, "used_env_vars": []} for c in inputs.channels],
+            "platforms": [inputs.subdir],
+            "sources": [ENV_FILE],
+            "custom_metadata": {
+                "ktenv_arch": arch, "ktenv_inputs": digest, "ktenv_python": inputs.python,
+                "ktenv_cuda": inputs.cuda, "ktenv_stack": stack_version or spec.stack.default,
+                "ktenv_exclude_newer": inputs.exclude_newer or "",
+                "ktenv_exclude_newer_from": "stack" if exclude_newer == "stack" else ("none" if exclude_newer is None else "explicit"),
+                "ktenv_solver": f"py-rattler {_rattler_version()}",
+            },
+        },
+        "package": packages,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"# conda lock for {arch}, written by ktenv (solved with py-rattler; conda-lock's format, version 1).\n"
+        f"# Do not edit: `build.py lock --arch {arch} --conda` rewrites it from envs/conda.toml.\n"
+        f"# Solved for a host with {_vp_text(inputs.virtual)}; the same solve with conda-lock itself:\n"
+        f"#   conda-lock lock -f {ENV_FILE} --virtual-package-spec {VIRTUAL_FILE} -p {inputs.subdir} --lockfile {LOCK_FILE}\n"
+        f"# content_hash is ktenv's input digest, not conda-lock's (conda-lock would relock on --check-input-hash).\n"
+    )
+    _write(out / LOCK_FILE, header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
+    _write(out / ENV_FILE, yaml.safe_dump({
+        "channels": list(inputs.channels), "platforms": [inputs.subdir], "dependencies": list(inputs.specs),
+    }, sort_keys=False))
+    _write(out / VIRTUAL_FILE, yaml.safe_dump({"subdirs": {inputs.subdir: {"packages": dict(sorted(inputs.virtual.items()))}}}, sort_keys=False))
+    progress(f"conda: locked {len(packages)} packages -> {out / LOCK_FILE}")
+    return out / LOCK_FILE
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _rattler_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("py-rattler")
+    except PackageNotFoundError:
+        raise KtenvError("The conda backend needs py-rattler: pip install py-rattler.") from None
+
+
+def read_lock(path: Path | str) -> dict:
+    """Parse and sanity-check a conda-lock.yml; KtenvError with the reason if it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise KtenvError(f"{path}: no conda lock. Write it with `python build.py lock --arch <arch> --conda`.")
+    try:
+        doc = _yaml().safe_load(path.read_text())
+    except Exception as e:
+        raise KtenvError(f"{path}: not readable YAML ({e}). Relock instead of editing the file.") from None
+    if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get("package"), list):
+        raise KtenvError(f"{path}: not a conda-lock version 1 file. Relock it with ktenv.")
+    for p in doc["package"]:
+        missing = [k for k in ("name", "version", "url", "platform") if not p.get(k)]
+        if missing or not (p.get("hash") or {}).get("md5") or not (p.get("hash") or {}).get("sha256"):
+            raise KtenvError(
+                f"{path}: the entry for {p.get('name', '?')} lacks {', '.join(missing) or 'an md5 and sha256'}. "
+                "ktenv installs only hash-pinned packages; relock."
+            )
+    return doc
+
+
+def check(spec, arch: str, lock_dir: Path | str | None = None, channel_url: str | None = None) -> dict:
+    """Offline: raise LockStale unless the conda lock matches envs/ as it is now."""
+    lock_dir = Path(lock_dir) if lock_dir else Path(spec.root).parent / "lock" / arch
+    doc = read_lock(lock_dir / LOCK_FILE)
+    meta = doc.get("metadata", {}).get("custom_metadata", {}) or {}
+    # Relock with the same choices the lock was made with; only envs/ may differ.
+    source = meta.get("ktenv_exclude_newer_from", "stack")
+    cutoff = {"stack": "stack", "none": None}.get(source, meta.get("ktenv_exclude_newer") or None)
+    inputs = load_inputs(spec, arch, meta.get("ktenv_python"), meta.get("ktenv_stack") or None, channel_url, cutoff)
+    if meta.get("ktenv_inputs") != inputs.digest():
+        raise LockStale(
+            f"{lock_dir / LOCK_FILE} is out of date: envs/conda.toml, the arch's CUDA, the stack's glibc or "
+            f"cut-off, or the channel ({', '.join(inputs.channels)}) changed since it was written. Building "
+            f"from it would install packages envs/ no longer asks for. Relock: python build.py lock --arch {arch} --conda"
+        )
+    return doc

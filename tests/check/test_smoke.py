@@ -1,0 +1,327 @@
+"""smoke: the import, kernel and launch tiers against real environments.
+
+The slow tests build real environments from the repository's lock with uv
+(hard-linked from uv's cache: seconds when the cache is warm, ~10 GB of
+downloads when it is not) and break copies of them on purpose: a payload part
+removed, a mismatched flashinfer-cubin, tilelang dropped, apache-tvm-ffi
+0.1.12, upstream transformers over transformers-kt, a forced kt-kernel
+variant, a launch flag sglang does not know. Each asserts the message a user
+would read. uv replaces files by unlinking, and the tests only delete or
+reinstall, so nothing in uv's cache is modified through a hard link.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ktenv import spec as specmod
+from ktenv import target
+from ktenv.build.ktkernel.variants import best_variant
+from ktenv.check import smoke, tier_import, tier_kernel, tier_launch
+from ktenv.check.result import FAILED, NEEDS_GPU, PASSED, SKIPPED, probe
+from ktenv.host import gpu as gpumod
+from ktenv.host.cpu import cpu_info
+from ktenv.probes import smoke_server
+from ktenv.tools import uv_bin
+
+from conftest import TEST_ARCH, run_cli
+
+REPO = Path(__file__).resolve().parents[2]
+FIX = REPO / "tests" / "fixtures" / "smoke"
+
+
+# --- fast: parsing, the server lifecycle -----------------------------------------
+
+def _fake(tmp_path, mode):
+    port = smoke_server.free_port()
+    pidfile = tmp_path / "child.pid"
+    argv = [sys.executable, str(FIX / "fake_server.py"), mode, str(port), str(pidfile)]
+    return smoke_server.ServerRun(argv, dict(os.environ), port, tmp_path / "server.log"), pidfile
+
+
+def _gone(pid: int, within: float = 10) -> bool:
+    t = time.monotonic()
+    while time.monotonic() - t < within:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_server_run_start_wait_ask_stop(tmp_path):
+    run, pidfile = _fake(tmp_path, "ok")
+    rep = run.check(deadline=30, prompt="hello")
+    assert rep["ok"], rep
+    assert [s["step"] for s in rep["steps"]] == ["start", "health", "generate", "chat", "stop"]
+    assert "8 tokens back (asked 8)" in rep["summary"]
+    assert _gone(int(pidfile.read_text())), "the server's child process outlived stop()"
+    assert "fake server: mode ok" in (tmp_path / "server.log").read_text()
+
+
+def test_server_run_reports_a_crash_with_its_log(tmp_path):
+    run, _ = _fake(tmp_path, "crash")
+    rep = run.check(deadline=30, prompt="hello")
+    assert not rep["ok"]
+    assert "health failed: the server exited (exit status 3) before it was healthy" in rep["summary"]
+    assert any("no kernel image is available" in line for line in rep["log_tail"])
+
+
+def test_server_run_gives_up_at_the_deadline(tmp_path):
+    run, pidfile = _fake(tmp_path, "never")
+    t = time.monotonic()
+    rep = run.check(deadline=3, prompt="hello")
+    assert not rep["ok"] and time.monotonic() - t < 20
+    assert "not healthy within 3 s (last: HTTP 503" in rep["summary"]
+    assert _gone(int(pidfile.read_text()))
+
+
+def test_server_run_checks_the_token_count(tmp_path):
+    run, _ = _fake(tmp_path, "short")
+    rep = run.check(deadline=30, prompt="hello")
+    assert not rep["ok"]
+    assert rep["summary"].startswith("generate failed: HTTP 200, 2 tokens back (asked 8)")
+    assert [s["ok"] for s in rep["steps"] if s["step"] == "chat"] == [True]  # both requests are made
+
+
+def test_server_run_kills_a_server_that_ignores_sigterm(tmp_path):
+    run, pidfile = _fake(tmp_path, "stubborn")
+    assert run.start() and run.wait_healthy(30)
+    run.stop(grace=2)
+    assert run.steps[-1]["note"] == "stopped by SIGKILL after 2 s"
+    assert _gone(int(pidfile.read_text()))
+
+
+def test_server_run_standalone_cli(tmp_path):
+    port = smoke_server.free_port()
+    p = subprocess.run([sys.executable, str(REPO / "ktenv/probes/smoke_server.py"), "--port", str(port),
+                        "--log", str(tmp_path / "log"), "--deadline", "30", "--",
+                        sys.executable, str(FIX / "fake_server.py"), "ok", str(port)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert '"ok": true' in p.stdout.splitlines()[-1]
+
+
+# --- real environments -----------------------------------------------------------
+
+ARCH = TEST_ARCH
+SPEC = specmod.load(REPO / "envs")
+needs_env = [pytest.mark.slow, pytest.mark.network]
+
+
+def _uv(*args, check=True):
+    p = subprocess.run([uv_bin(), *args], capture_output=True, text=True, timeout=1800)
+    if check and p.returncode:
+        raise RuntimeError(f"uv {' '.join(args)} failed: {p.stderr[-2000:]}")
+    return p
+
+
+def site_of(prefix: Path) -> Path:
+    return next((prefix / "lib").glob("python3.*/site-packages"))
+
+
+def ctx_for(prefix: Path, **kw) -> smoke.Context:
+    ctx = smoke.context(target.resolve(SPEC, ARCH, lock_root=REPO / "lock", prefix=prefix))
+    for k, v in kw.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def good_env(stack_env):
+    """The env `build.py env` made (conftest's stack_env): smoke must pass on it."""
+    return stack_env
+
+
+@pytest.fixture
+def scratch_env(tmp_path):
+    """A fresh env from ktenv's own pipeline, to break on purpose (hard links into uv's cache are
+    replaced, never written through: uv unlinks before it installs)."""
+    prefix = tmp_path / "env"
+    p = run_cli("env", "--arch", ARCH, "--prefix", str(prefix), timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return prefix
+
+
+def by_name(results, name):
+    hits = [r for r in results if r.name == name]
+    assert hits, f"no result named {name!r} in {[r.name for r in results]}"
+    return hits[0]
+
+
+def _mark(f):
+    for m in needs_env:
+        f = m(f)
+    return f
+
+
+@_mark
+def test_import_tier_on_a_good_env(good_env):
+    results = tier_import.import_tier(ctx_for(good_env))
+    failed = [(r.name, r.evidence) for r in results if r.status == FAILED]
+    assert not failed, failed
+    assert by_name(results, "locked versions").status == PASSED
+    sweep = by_name(results, "module imports")
+    assert sweep.status == PASSED and sweep.detail["modules"]["torch"]["status"] == PASSED
+    # Without the NVIDIA driver these can only be "needs-gpu", never "passed".
+    assert by_name(results, "import sgl_kernel").status == NEEDS_GPU
+    assert "libcuda.so.1" in by_name(results, "import deep_gemm").evidence
+    for name in ("torch", "sglang server args", "kt_kernel", "flashinfer + cubin", "tilelang + tvm-ffi",
+                 "transformers + DeepSeek-V4 config", "sgl-kernel payload"):
+        assert by_name(results, name).status == PASSED, by_name(results, name)
+    assert "comes from transformers-kt" in by_name(results, "transformers + DeepSeek-V4 config").evidence
+
+
+@_mark
+def test_kernel_and_launch_cpu_tiers_on_a_good_env(good_env):
+    rep = smoke.smoke(ctx_for(good_env), ["kernel", "launch-cpu", "launch-gpu"])
+    res = {r["name"]: r for r in rep["results"]}
+    assert res["KT-Kernel MXFP4 MoE vs torch"]["status"] == PASSED
+    assert "rel. L1" in res["KT-Kernel MXFP4 MoE vs torch"]["evidence"]
+    assert res["launch command parses"]["status"] == PASSED
+    assert "(5 speculative)" in res["launch command parses"]["evidence"]
+    assert res["launch command parses"]["detail"]["parsed"]["speculative_algorithm"] == "EAGLE"
+    assert res["DeepSeek-V4 env vars"]["status"] == PASSED
+    assert res["ServerArgs validation"]["status"] == NEEDS_GPU
+    if not gpumod.detect().gpus:
+        gpu = res["server on a tiny DeepSeek-V4"]
+        assert gpu["status"] == SKIPPED and "needs a visible" in gpu["evidence"]
+    assert rep["ok"]
+
+
+@_mark
+def test_cli_exit_status_and_json(good_env, envs_copy, cli):
+    p = cli("smoke", "--arch", ARCH, "--prefix", str(good_env), "--tier", "launch-cpu", "--json")
+    assert p.returncode == 0, p.stderr
+    assert '"ok": true' in p.stdout
+    arch_toml = envs_copy / f"{ARCH}.toml"
+    arch_toml.write_text(arch_toml.read_text().replace("[launch.args]", "[launch.args]\nno-such-flag = true", 1))
+    p = cli("smoke", "--arch", ARCH, "--prefix", str(good_env), "--envs", str(envs_copy), "--tier", "launch-cpu")
+    assert p.returncode == 1
+    assert "FAIL launch command parses: sglang does not know --no-such-flag" in p.stdout
+
+
+@_mark
+def test_launch_cpu_rejects_a_bad_value_and_a_bad_dsv4_mode(good_env):
+    ctx = ctx_for(good_env, extra_args=["--kt-method", "NOT-A-METHOD"])
+    ctx.env = {**ctx.env, "SGLANG_DSV4_MODE": "2605"}
+    res = tier_launch.launch_cpu_tier(ctx)
+    dsv4 = by_name(res, "DeepSeek-V4 env vars")
+    assert dsv4.status == FAILED and "SGLANG_DSV4_MODE is '2605'" in dsv4.evidence
+    parse = by_name(res, "launch command parses")
+    if parse.status == PASSED:  # --kt-method takes any string in this sglang: then 2604B's rule must catch it
+        ctx.env["SGLANG_DSV4_MODE"] = "2604"
+        ctx.env["SGLANG_DSV4_2604_SUBMODE"] = "2604B"
+        dsv4 = by_name(tier_launch.launch_cpu_tier(ctx), "DeepSeek-V4 env vars")
+        assert dsv4.status == FAILED and "needs --kt-method MXFP4" in dsv4.evidence
+    else:
+        assert "--kt-method" in parse.evidence
+
+
+@_mark
+def test_removed_payload_part_and_object(scratch_env):
+    site = site_of(scratch_env)
+    ctx = ctx_for(scratch_env)
+    assert tier_import._payload(ctx, site).status == PASSED
+    obj = next(site.glob("sgl_kernel/_payload_cache/*/*/*/sgl_kernel/sm100/common_ops.abi3.so"))
+    obj.unlink()
+    r = tier_import._payload(ctx, site)
+    assert r.status == FAILED
+    assert "would not use the payload ktenv placed" in r.evidence and "extract" in r.evidence
+    (site / "accelerate_kt_sgl_kernel_payload" / "payload.part").unlink()
+    r = tier_import._payload(ctx, site)
+    assert r.status == FAILED
+    assert "`accelerate_kt_sgl_kernel_payload` should come from the accelerate-kt wheel" in r.evidence
+
+
+@_mark
+def test_mismatched_flashinfer_cubin(scratch_env):
+    _uv("pip", "install", "--quiet", "--python", str(scratch_env / "bin/python"), "flashinfer-cubin==0.6.9")
+    ctx = ctx_for(scratch_env, modules=[])
+    res = tier_import._flashinfer(ctx)
+    r = by_name(res, "flashinfer + cubin")
+    assert r.status == FAILED
+    assert "flashinfer-cubin 0.6.9" in r.evidence and "must be the same release" in r.remedy
+    inv, _ = probe(ctx, "smoke_import.py", ["inventory"], {"requirements": ctx.requirements})
+    v = tier_import._versions(ctx, inv)
+    assert v.status == FAILED and "flashinfer-cubin: installed 0.6.9, locked" in v.evidence
+
+
+@_mark
+def test_tilelang_dropped_then_tvm_ffi_abort(scratch_env):
+    py = str(scratch_env / "bin/python")
+    _uv("pip", "install", "--quiet", "--python", py, "apache-tvm-ffi==0.1.12")
+    r = tier_import._tilelang(ctx_for(scratch_env))
+    assert r.status == FAILED
+    assert "killed by SIGABRT" in r.evidence and "__ffi_repr__" in r.evidence
+    assert "kvcache-ai/ktransformers#2045" in r.remedy
+    _uv("pip", "uninstall", "--quiet", "--python", py, "tilelang")
+    r = tier_import._tilelang(ctx_for(scratch_env))
+    assert r.status == FAILED and "No module named 'tilelang'" in r.evidence
+    assert "DeepseekV4ForCausalLM not registered" in r.remedy
+
+
+@_mark
+def test_upstream_transformers_over_transformers_kt(scratch_env):
+    _uv("pip", "install", "--quiet", "--python", str(scratch_env / "bin/python"), "transformers==4.57.1")
+    r = tier_import._transformers(ctx_for(scratch_env))
+    assert r.status == FAILED
+    assert "transformers-kt" in r.evidence and "transformers," in r.evidence.replace("transformers-kt", "")
+
+
+@_mark
+def test_kt_kernel_variant_checks(good_env):
+    ctx = ctx_for(good_env)
+    ctx.env = {**ctx.env, "KT_KERNEL_CPU_VARIANT": "avx512"}
+    r = tier_import._kt_kernel(ctx)
+    assert r.status == FAILED and "KT_KERNEL_CPU_VARIANT='avx512' is not a kt-kernel variant" in r.evidence
+    # The same env judged for an AVX2-only CPU: what this host loads would die with SIGILL there.
+    haswell = (REPO / "tests/fixtures/cpuinfo/haswell-e-i7-5820k.txt").read_text()
+    ctx = ctx_for(good_env, cpu_flags=cpu_info(haswell).flags)
+    if best_variant(SPEC.knowledge.kt_kernel, cpu_info().flags) == "avx2":
+        pytest.skip("this host is AVX2-only itself: nothing above AVX2 loads here")
+    r = tier_import._kt_kernel(ctx)
+    assert r.status == FAILED and "SIGILL" in r.remedy
+
+
+@_mark
+def test_broken_module_and_missing_kt_kernel(scratch_env):
+    site = site_of(scratch_env)
+    (site / "einops" / "einops.py").unlink()  # einops/__init__.py imports it
+    ctx = ctx_for(scratch_env, modules=["einops", "idna"])
+    inv, _ = probe(ctx, "smoke_import.py", ["inventory"], {"requirements": ctx.requirements})
+    v = tier_import._versions(ctx, inv)
+    assert v.status == FAILED and "einops: 1 file(s) absent or resized, e.g. einops/einops.py (missing)" in v.evidence
+    assert tier_import._import_one(ctx, "idna").status == PASSED
+    r = tier_import._import_one(ctx, "einops")
+    assert r.status == FAILED and "No module named 'einops.einops'" in r.evidence
+    _uv("pip", "uninstall", "--quiet", "--python", str(scratch_env / "bin/python"), "kt-kernel")
+    k = tier_kernel.kernel_tier(ctx)[0]
+    assert k.status == FAILED and "kt_kernel" in k.evidence
+
+
+@_mark
+def test_torch_against_another_cuda(good_env):
+    ctx = ctx_for(good_env)
+    ctx.lock.cuda = "13.0"
+    r = tier_import._torch(ctx)
+    assert r.status == FAILED and "the stack needs CUDA 13.0" in r.evidence
+
+
+@_mark
+def test_tiny_model_is_read_back_by_the_real_loaders(good_env, tmp_path):
+    ctx = ctx_for(good_env)
+    r, why = probe(ctx, "smoke_tiny_model.py", [str(tmp_path / "m"), "--experts", "16"])
+    assert r and r["ok"], (why, r)
+    assert "kt-kernel's MXFP4 loader" in r["summary"] and r["experts"]["tensors"] == 4 * 16 * 6
+    import json
+
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekV4ForCausalLM"] and len(cfg["compress_ratios"]) == 5
