@@ -7,7 +7,8 @@ CUDA toolkit whose major matches the python's torch. Set:
   KTENV_FLASH_MLA_CUTLASS    CUTLASS at the pinned commit, when the checkout's csrc/cutlass is empty
   KTENV_FLASH_MLA_PYTHON     the python to build for (default: the stack env's, torch 2.9.1+cu128)
   KTENV_FLASH_MLA_CUDA_HOME  a toolkit for that torch: same major, >= 12.8 (none on PyPI for CUDA 12)
-  KTENV_TEST_CUDA12_HOME     any real CUDA 12.x toolkit, for the version gate (12.4 must be refused)
+  KTENV_TEST_CUDA12_HOME     a real CUDA 12.x toolkit for the version gate (12.4 must be refused); default:
+                             one the toolchain stage provisioned under ktenv's cache
 Without them those tests skip and say which is absent.
 """
 
@@ -226,10 +227,21 @@ def test_an_nvcc_of_another_major_than_torch_is_refused(tmp_path, pin, stack_pyt
     assert any(f"nvcc 13.0 ({home}) is CUDA 13, but the env's torch is built for CUDA 12.8" in p for p in problems), problems
 
 
+def _cuda12_home() -> str | None:
+    """KTENV_TEST_CUDA12_HOME, else a CUDA 12 toolkit the toolchain stage provisioned into ktenv's cache."""
+    from ktenv.tools import cache_dir
+
+    if os.environ.get("KTENV_TEST_CUDA12_HOME"):
+        return os.environ["KTENV_TEST_CUDA12_HOME"]
+    found = [h for h in sorted((cache_dir() / "cuda").glob("*")) if (fm.nvcc_version(h) or "").startswith("12.")]
+    return str(found[0]) if found else None
+
+
 def test_a_cuda12_older_than_12_8_is_refused(tmp_path, pin, stack_python):
-    py, home = stack_python, os.environ.get("KTENV_TEST_CUDA12_HOME")
+    py, home = stack_python, _cuda12_home()
     if not home:
-        pytest.skip("KTENV_TEST_CUDA12_HOME is not set (a real CUDA 12.x toolkit, e.g. Debian's 12.4 unpacked)")
+        pytest.skip("no CUDA 12 toolkit: KTENV_TEST_CUDA12_HOME is unset and none is provisioned under ktenv's cache "
+                    "(the toolchain stage's `build.py toolchain --provision` puts Debian's 12.4 there)")
     version = fm.nvcc_version(home)
     assert version and version.startswith("12."), f"{home} is not a CUDA 12 toolkit"
     problems = fm.check_prerequisites(tmp_path, str(py), home, pin)
