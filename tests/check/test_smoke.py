@@ -166,7 +166,12 @@ def _mark(f):
 def test_import_tier_on_a_good_env(good_env):
     results = tier_import.import_tier(ctx_for(good_env))
     failed = [(r.name, r.evidence) for r in results if r.status == FAILED]
-    assert not failed, failed
+    if ARCH == "sm90":  # the known gap: flash_mla is required on Hopper and not on PyPI (envs/sm90.toml [flash_mla])
+        assert [n for n, _ in failed] == ["path sparse_mla=flash_mla"], failed
+        assert "No module named 'flash_mla'" in failed[0][1]
+        assert "--flash-mla-source" in by_name(results, "path sparse_mla=flash_mla").remedy
+    else:
+        assert not failed, failed
     assert by_name(results, "locked versions").status == PASSED
     sweep = by_name(results, "module imports")
     assert sweep.status == PASSED and sweep.detail["modules"]["torch"]["status"] == PASSED
