@@ -9,6 +9,7 @@ ktenv.cli.parser(); the uv cache is keyed by the lock file ktenv writes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shlex
@@ -166,6 +167,8 @@ def build_commands(job: dict) -> list[str]:
 def parse(line: str, arch: str):
     """The namespace ktenv's CLI makes of one workflow line, or AssertionError."""
     argv = shlex.split(line.replace('"$ARCH"', arch))
+    # the command ends where the shell takes over (a redirection, `||`, `;`)
+    argv = list(itertools.takewhile(lambda a: not a.startswith((">", "<", "|", "&", ";")), argv))
     assert argv[:2] == ["python", "build.py"], line
     try:
         return cli.parser().parse_args(argv[2:])
