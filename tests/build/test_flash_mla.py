@@ -200,11 +200,17 @@ def test_the_git_shim_answers_setup_py_and_nothing_else(tmp_path, pin):
 
 # --- the env and the toolkit -------------------------------------------------------------
 
+def _toolkits() -> list[Path]:
+    """Real CUDA toolkits here: nvcc on PATH, the usual /usr/local/cuda*, and any the toolchain stage provisioned."""
+    from ktenv.tools import cache_dir
+
+    homes = [Path(p).resolve().parent.parent for p in [shutil.which("nvcc")] if p]
+    homes += sorted(Path("/usr/local").glob("cuda*")) + sorted((cache_dir() / "cuda").glob("*"))
+    return [h for h in dict.fromkeys(h.resolve() for h in homes) if fm.nvcc_version(h)]
+
+
 def _cuda13_home() -> Path | None:
-    for home in [Path("/usr/local/cuda-13.0"), *(Path(p).resolve().parent.parent for p in [shutil.which("nvcc")] if p)]:
-        if fm.nvcc_version(home) and fm.nvcc_version(home).startswith("13."):
-            return home
-    return None
+    return next((h for h in _toolkits() if fm.nvcc_version(h).startswith("13.")), None)
 
 
 def test_prerequisites_name_every_missing_thing(tmp_path, pin, stack_python):
@@ -222,18 +228,16 @@ def test_prerequisites_name_every_missing_thing(tmp_path, pin, stack_python):
 def test_an_nvcc_of_another_major_than_torch_is_refused(tmp_path, pin, stack_python):
     py, home = stack_python, _cuda13_home()
     if home is None:
-        pytest.skip("no CUDA 13 toolkit on this machine (/usr/local/cuda-13.0 or nvcc on PATH) to show the refusal with")
+        pytest.skip("no CUDA 13 toolkit on this machine (nvcc on PATH or /usr/local/cuda*) to show the refusal with")
     problems = fm.check_prerequisites(tmp_path, str(py), home, pin)
     assert any(f"nvcc 13.0 ({home}) is CUDA 13, but the env's torch is built for CUDA 12.8" in p for p in problems), problems
 
 
 def _cuda12_home() -> str | None:
     """KTENV_TEST_CUDA12_HOME, else a CUDA 12 toolkit the toolchain stage provisioned into ktenv's cache."""
-    from ktenv.tools import cache_dir
-
     if os.environ.get("KTENV_TEST_CUDA12_HOME"):
         return os.environ["KTENV_TEST_CUDA12_HOME"]
-    found = [h for h in sorted((cache_dir() / "cuda").glob("*")) if (fm.nvcc_version(h) or "").startswith("12.")]
+    found = [h for h in _toolkits() if fm.nvcc_version(h).startswith("12.")]
     return str(found[0]) if found else None
 
 
@@ -267,7 +271,7 @@ def _wheel_with(tmp_path: Path, home: Path, gencode: str) -> Path:
 
 
 def test_the_audit_passes_sm90a_only_and_refuses_anything_else(tmp_path, pin):
-    home = _cuda13_home()
+    home = next(iter(_toolkits()), None)
     if home is None:
         pytest.skip("no nvcc on this machine to build the test kernels with")
     tool = find_cuobjdump()[0]  # the cuobjdump the project pins
