@@ -28,7 +28,7 @@ which revision and why). So ktenv builds one, the way it builds kt-kernel:
   install    `uv pip install --no-deps` into the env, then a probe imports it
              and checks the calls sglang-kt makes exist.
 
-Public API (the first four live in flash_mla_source.py and are re-exported):
+Public API (the first four live in flash_mla_source.py, audit_wheel in flash_mla_audit.py; all re-exported):
   Pin, pin_for(arch) -> Pin | None
   tree_id(path, gitlinks=None) -> str | None
   check_source(source, pin) -> dict                  raises KtenvError
@@ -37,9 +37,12 @@ Public API (the first four live in flash_mla_source.py and are re-exported):
   check_prerequisites(source, python, cuda_home, pin, cutlass=None) -> list[str]
   build_wheel(source, python, cuda_home, pin, cache, progress=print, cutlass=None, jobs=None) -> Path
   install(env_python, wheel) -> dict                 the stamp entry, after a verified import
+  audit_wheel(wheel, pin, cuobjdump) -> dict         exactly the pin's SASS, no PTX
   verify(env_python) -> dict                         is flash_mla there and what sglang-kt calls (`ok`)
   provide(env_python, source, cuda_home, pin, ...) -> dict   all of the above
   missing_message(arch, pin, stack=None) -> str      what an env without flash_mla says
+  stamp_entry(pin, provided) -> dict | None          the env stamp's `flash_mla`
+  launch_refusal(target) -> str | None               the reason `launch` refuses, or None
 """
 
 from __future__ import annotations
@@ -54,18 +57,16 @@ import subprocess
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable, Mapping
 
 from .. import probe
 from ..errors import KtenvError
 from ..tools import uv_bin
+from .flash_mla_audit import audit_wheel
 from .flash_mla_source import _IGNORED, Pin, check_source, find_cutlass, pin_for, tree_id  # noqa: F401 (re-exported)
 
 PROBE = "flash_mla_probe.py"
-# cuobjdump -lelf/-lptx lines: "ELF file    1: cuda.1.sm_90a.cubin"
-_CODE = re.compile(r"\b(ELF|PTX) file\s+\d+: \S*?\.(sm_\d+[af]?)\.(cubin|ptx)\b")
 MIN_SETUPTOOLS = (70, 1)  # bdist_wheel is built into setuptools from 70.1; the env has no `wheel`
 _STEP = re.compile(r"^\[(\d+)/(\d+)\]\s")
 
@@ -326,39 +327,6 @@ def build_wheel(source: str | Path, python: str, cuda_home: str | Path | None, p
                 shutil.rmtree(work, ignore_errors=True)
 
 
-def _list_codes(cuobjdump: str, so: Path) -> tuple[list[str], list[str]]:
-    """(SASS codes, PTX codes) in one shared object. A small twin of check/cuobjdump.list_codes, which the
-    build stage may not import (it sits above build in the pipeline order)."""
-    found: dict[str, set] = {"ELF": set(), "PTX": set()}
-    for flag in ("-lelf", "-lptx"):
-        try:
-            p = subprocess.run([cuobjdump, flag, str(so)], capture_output=True, text=True, timeout=300)
-        except OSError as e:
-            raise KtenvError(f"cuobjdump ({cuobjdump}) does not run ({e}); the flash_mla build cannot be audited. "
-                             "Set KTENV_CUOBJDUMP to a cuobjdump binary.") from None
-        text = p.stdout + p.stderr
-        if p.returncode and "No PTX file found" not in text and "No ELF file found" not in text:
-            raise KtenvError(f"cuobjdump {flag} refused {so.name}: {' '.join(text.split())[-400:]}")
-        for kind, code, _ in _CODE.findall(text):
-            found[kind].add(code)
-    return sorted(found["ELF"]), sorted(found["PTX"])
-
-
-def audit_wheel(wheel: str | Path, pin: Pin, cuobjdump: str) -> dict:
-    """The extension's SASS and PTX must be exactly the pin's SASS list (sm_90a), or KtenvError."""
-    with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory(prefix="ktenv-flashmla-") as d:
-        exts = [n for n in z.namelist() if re.fullmatch(r"flash_mla/cuda[^/]*\.so", n)]
-        if len(exts) != 1:
-            raise KtenvError(f"{Path(wheel).name} has {len(exts)} flash_mla/cuda*.so extensions, not one; it is not a "
-                             "FlashMLA build ktenv knows.")
-        sass, ptx = _list_codes(cuobjdump, Path(z.extract(exts[0], d)))
-    if sass != sorted(pin.sass) or ptx:
-        raise KtenvError(f"The flash_mla extension in {Path(wheel).name} carries SASS {sass or 'none'} and PTX "
-                         f"{ptx or 'none'}, but ktenv builds exactly SASS {', '.join(pin.sass)} for Hopper "
-                         "(check the arch flags in the build log).")
-    return {"extension": exts[0], "sass": sass, "ptx": ptx, "cuobjdump": cuobjdump}
-
-
 def verify(env_python: str) -> dict:
     """Does the env's flash_mla import and offer what sglang-kt calls? The probe's report; `ok` says it all.
 
@@ -412,3 +380,25 @@ def missing_message(arch, pin: Pin | None = None, stack=None) -> str:
             f"{pin.repository if pin else 'https://github.com/deepseek-ai/FlashMLA'} at commit {commit} with its "
             f"csrc/cutlass submodule (`git checkout {commit[:12]} && git submodule update --init csrc/cutlass`), and a "
             f"CUDA {need}+ toolkit of torch's CUDA major on the machine (the build compiles for sm_90a and needs no GPU).")
+
+
+def stamp_entry(pin: Pin | None, provided: dict | None) -> dict | None:
+    """The env stamp's `flash_mla`: provide()'s report, or what is missing on an arch that needs it."""
+    if pin is None:
+        return None
+    return provided or {"path": "missing", "required": pin.required, "commit": pin.commit}
+
+
+def launch_refusal(target) -> str | None:
+    """None when target's env can serve as far as flash_mla goes; else missing_message() for `launch` to refuse with.
+
+    The stamp says so for envs ktenv built with --flash-mla-source; otherwise
+    (an env from before, or flash_mla installed by hand) the probe decides.
+    """
+    pin = pin_for(target.arch)
+    if pin is None or not pin.required:
+        return None
+    if ((target.stamp or {}).get("flash_mla") or {}).get("path") == "source" or verify(str(target.python)).get("ok"):
+        return None
+    return missing_message(target.arch, pin, target.spec.stack)
+

@@ -295,6 +295,19 @@ def test_the_cannot_serve_message(spec, pin):
         assert part in msg, part
 
 
+def test_launch_refuses_an_sm90_env_without_flash_mla(spec, pin, stack_env):
+    from ktenv import target
+
+    t = target.resolve(spec, "sm90", lock_root=REPO / "lock", prefix=stack_env)
+    assert fm.verify(str(t.python))["error"].startswith("ModuleNotFoundError: No module named 'flash_mla'")
+    assert fm.launch_refusal(t) == fm.missing_message(spec.arch("sm90"), pin, spec.stack)
+    assert fm.stamp_entry(pin, None) == {"path": "missing", "required": True, "commit": pin.commit}
+    built = dataclasses.replace(t, stamp={**(t.stamp or {}), "flash_mla": fm.stamp_entry(pin, {"path": "source"})})
+    assert fm.launch_refusal(built) is None
+    other = target.resolve(spec, "sm120", lock_root=REPO / "lock", prefix=stack_env, follow_stamp=False)
+    assert fm.launch_refusal(other) is None and fm.stamp_entry(fm.pin_for(other.arch), None) is None
+
+
 # --- the real build ------------------------------------------------------------------------
 
 @pytest.mark.slow
