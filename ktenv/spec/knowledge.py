@@ -133,7 +133,7 @@ def _kt_kernel(root: Path) -> KtKernel:
 SERVE_KEYS = {
     "sizing": {"stack", "reserve_gib", "reserve_per_peer_gib", "mem_fraction_max", "mem_fraction_step",
                "margin_fraction", "kv_tokens", "requests_per_gpu", "graph_bs_per_gpu", "gpu_experts_per_layer",
-               "mxfp4_group", "layerwise_reserved_on", "draft_experts_on_gpu", "kv_fp8"},
+               "mxfp4_group", "layerwise_reserved_on", "layerwise_max_share", "draft_experts_on_gpu", "speculative_min_gpus", "kv_fp8"},
     "convert": {"script", "method", "merged", "decode_tok_s", "prefill32_tok_s", "lossy_rel_diff",
                 "emulation_tolerance"},
 }
