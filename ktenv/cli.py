@@ -95,6 +95,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host-facts", metavar="DIR", help="answer for a host recorded with --record instead of this one")
     p.set_defaults(handler=cmd_doctor)
 
+    p = sub.add_parser("tune", help="measure which kt-kernel variant (and method) is fastest on this CPU")
+    _arch_args(p)
+    _common(p)
+    p.add_argument("--prefix", help="the env (default: .envs/<arch>)")
+    p.add_argument("--threads", type=int, help="MoE threads (default: what launch gives one thread pool here)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default: envs/tune.toml)")
+    p.add_argument("--workload", choices=("decode", "prefill", "mixed"), default="mixed",
+                   help="which phase decides a tie (default: mixed)")
+    p.add_argument("--variant", choices=ISAS, help="force this variant instead of measuring (refused if this CPU cannot run it)")
+    p.add_argument("--remeasure", action="store_true", help="ignore the cached measurement")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(module="serve.tune")
+
     p = sub.add_parser("launch", help="the per-arch, per-host server command")
     _arch_args(p)
     _common(p)
