@@ -4,7 +4,8 @@ kt-kernel picks its CPU variant by ISA rank ("amx" above "avx512_bf16" above
 ...), and measured, the rank is wrong where it matters: on an Intel AMX host
 the amx build prefills at half the speed of avx512_base. So `tune` measures:
 for each variant this CPU runs and each method the variant offers (MXFP4,
-the checkpoint's own format; AMXINT4, which needs converted experts), a short
+the checkpoint's own format; AMXINT4, which needs converted experts and which
+kt-kernel compiles into its AVX512 builds too, so it runs without AMX), a short
 MoE benchmark at DeepSeek-V4-Flash's expert shape (envs/tune.toml) with the
 threads the server will use, decode and prefill, in interleaved rounds. The
 winner per method and workload is decided by tune_decide; the measurement is

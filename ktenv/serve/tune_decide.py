@@ -200,10 +200,11 @@ def advice(result: dict, workload: str) -> list[str]:
             f"AMXINT4 would run this {workload} workload {g['ratio']:.2f}x faster than MXFP4 in {g['phase']} "
             f"({g['amxint4']} vs {g['mxfp4']}); {decode_note}. It costs accuracy: the experts are re-quantized "
             f"per row to INT4 (~{cost.get('rel_diff_vs_mxfp4', 0.29):.0%} relative output difference from the "
-            f"MXFP4 model on random weights, ~{cost.get('rel_diff_vs_int4_emulation', 0.02):.0%} from an exact "
-            "INT4 emulation)"
+            "MXFP4 experts on random weights; the kernel itself is within "
+            f"~{cost.get('rel_diff_vs_int4_emulation', 0.02):.0%} of an exact INT4 emulation, so the loss is the format's)"
             + (", and sglang-kt drops DeepSeek-V4's SwiGLU clamp for AMXINT4" if cost.get("swiglu_clamp_dropped", True) else "")
-            + ". To try it: `python build.py convert --arch ARCH --model MODEL --output DIR --kt-source CHECKOUT`, "
+            + f". To try it: `python build.py convert --arch {result.get('arch') or 'ARCH'} --model MODEL --output DIR "
+            "--kt-source CHECKOUT`, "
             f"then `launch --kt-weight-path DIR` (it picks --kt-method AMXINT4; serve with the same "
             f"--kt-threadpool-count it was converted with) and KT_KERNEL_CPU_VARIANT={a_var}.")
     else:
