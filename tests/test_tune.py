@@ -195,6 +195,18 @@ def test_env_vars_and_stamp_entry():
     assert s["variant"] == r["choice"]["variant"] and s["key"] == "k" and s["method"] == "MXFP4"
 
 
+def test_result_saved_in_the_env_is_what_launch_reads(tmp_path):
+    r = _result(AMX_HOST, default="amx", workload="mixed")
+    assert tune.for_launch(tmp_path) == ({}, [])  # never tuned: kt-kernel picks by itself, nothing to say
+    path = tune.save(r, tmp_path)
+    assert path.name == "ktenv-tune.json" and not list(tmp_path.glob("*.tmp"))
+    env, notes = tune.for_launch(tmp_path, workload="prefill")
+    assert env["KT_KERNEL_CPU_VARIANT"] in ("avx512_vbmi", "avx512_vnni", "avx512_base")
+    assert any("python build.py convert" in n for n in notes)  # prefill on this host: AMXINT4 2.6x
+    env, notes = tune.for_launch(tmp_path, workload="decode", method="AMXINT4")
+    assert env == {"KT_KERNEL_CPU_VARIANT": "amx"} and not any("python build.py convert" in n for n in notes)
+
+
 # --- envs/tune.toml, shape, threads -----------------------------------------------
 
 def test_settings_load_and_v4_flash_shape():
@@ -378,6 +390,24 @@ def test_cache_key_follows_cpu_kt_kernel_version_and_threads(tiny_run, tmp_path)
         assert other_cpu["key"] != first["key"] and "Threadripper" in other_cpu["cpu"]["model"]
     finally:
         os.environ.pop("KTENV_CACHE_DIR", None)
+
+
+@pytest.mark.slow
+@needs_env
+def test_cli_shows_the_cached_table_and_records_it_in_the_env(tiny_run, tmp_path, cli):
+    """`build.py tune` on an env whose measurement is cached: no kt-kernel process, the table, the record."""
+    env = stack_python().parent.parent
+    prefix = tmp_path / "env"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin/python").symlink_to(stack_python())
+    (prefix / "lib").symlink_to(env / "lib")  # kt-kernel's dist-info: the same version, so the same key
+    p = cli("tune", "--arch", "sm90", "--prefix", str(prefix), "--envs", str(tiny_run["envs"]), "--workload", "prefill",
+            env={"KTENV_CACHE_DIR": str(tiny_run["root"] / "cache")}, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "measurement from the cache" in p.stdout and "prefill pick for MXFP4" in p.stdout
+    saved = tune.load(prefix)
+    assert saved["key"] == tiny_run["first"]["key"] and saved["workload"] == "prefill"
+    assert f"KT_KERNEL_CPU_VARIANT={saved['choice']['variant']}" in p.stdout
 
 
 @pytest.mark.slow
