@@ -26,8 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ktenv import spec  # noqa: E402
+from ktenv.progress import Progress  # noqa: E402
 from ktenv.serve import tune, tune_decide  # noqa: E402
 from ktenv.serve.tune_measure import Timing, measure  # noqa: E402
+from ktenv.target import resolve  # noqa: E402
 from ktenv.tools import cache_dir  # noqa: E402
 
 
@@ -42,13 +45,12 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     python = os.path.abspath(args.python)  # absolute, not resolved: a venv's python keeps its venv
-
-    def progress(s: str) -> None:
-        print(f"  {s}", flush=True)
+    target = resolve(spec.load(args.envs), args.arch, prefix=Path(python).parent.parent,
+                     lock_root=Path(args.envs).parent / "lock")
+    progress = Progress(sys.stdout)
 
     print("step 1: tune (the env's choice)", flush=True)
-    result = tune.tune(python, arch=args.arch, envs=args.envs, workload=args.workload,
-                       use_cache=not args.remeasure, progress=progress)
+    result = tune.tune(target, workload=args.workload, use_cache=not args.remeasure, progress=progress)
     print(tune.render(result), flush=True)
     choice, default = result["choice"]["variant"], result["default_variant"]
     if not choice:

@@ -98,15 +98,15 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="measure which kt-kernel variant (and method) is fastest on this CPU")
     _arch_args(p)
     _common(p)
-    p.add_argument("--prefix", help="the env (default: .envs/<arch>)")
+    _env_args(p)
     p.add_argument("--threads", type=int, help="MoE threads (default: what launch gives one thread pool here)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default: envs/tune.toml)")
     p.add_argument("--workload", choices=("decode", "prefill", "mixed"), default="mixed",
-                   help="which phase decides a tie (default: mixed)")
+                   help="the phase that matters most to you; decides ties (default: mixed)")
     p.add_argument("--variant", choices=ISAS, help="force this variant instead of measuring (refused if this CPU cannot run it)")
-    p.add_argument("--remeasure", action="store_true", help="ignore the cached measurement")
+    p.add_argument("--remeasure", action="store_true", help="measure again instead of using the cached measurement")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(module="serve.tune")
+    p.set_defaults(handler=cmd_tune)
 
     p = sub.add_parser("launch", help="the per-arch, per-host server command")
     _arch_args(p)
@@ -249,6 +249,21 @@ def cmd_doctor(args) -> int:
     _print(report, args.json, lambda r: doctor.render(r).rstrip("\n"))
     # Non-zero when something would stop a server, so scripts can gate on it.
     return 0 if report["ok"] else 1
+
+
+def cmd_tune(args) -> int:
+    from .progress import Progress
+    from .serve import tune
+
+    t = _target(args).require_env()
+    result = tune.tune(t, workload=args.workload, threads=args.threads, rounds=args.rounds, variant=args.variant,
+                       use_cache=not args.remeasure, progress=Progress())
+    if result["choice"]["variant"]:
+        result["recorded_in"] = str(tune.save(result, t.prefix))  # where launch and activation read it
+    _print(result, args.json, lambda r: tune.render(r) + (
+        f"recorded in {r['recorded_in']}: launch exports KT_KERNEL_CPU_VARIANT={r['choice']['variant']}"
+        if r.get("recorded_in") else "no choice recorded"))
+    return 0 if result["choice"]["variant"] else 1
 
 
 def _recorded(args):

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import KtenvError
+from ..probe import MARK, PROBES, child_env
 
-PROBE = Path(__file__).resolve().parent.parent / "probes" / "kt_tune.py"
-MARK = "KTENV-RESULT "
+PROBE = PROBES / "kt_tune.py"
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,9 @@ class Worker:
     def __init__(self, python: str, variant: str, methods: list[str], shape: dict, threads: int, max_len: int,
                  log_dir: Path, prefix: tuple[str, ...] = ()):
         self.variant = variant
-        env = {k: v for k, v in os.environ.items() if k not in ("KT_KERNEL_CPU_VARIANT", "KT_MXFP4_BACKEND")}
-        env["KT_KERNEL_CPU_VARIANT"] = variant
+        # KT_MXFP4_BACKEND would swap the MXFP4 class under every variant; measure kt-kernel's own choice.
+        env = child_env({k: v for k, v in os.environ.items() if k != "KT_MXFP4_BACKEND"},
+                        {"KT_KERNEL_CPU_VARIANT": variant})
         cmd = list(prefix) + [python, str(PROBE), "--experts", str(shape["experts"]), "--hidden", str(shape["hidden"]),
                               "--intermediate", str(shape["intermediate"]), "--topk", str(shape["topk"]),
                               "--threads", str(threads), "--max-len", str(max_len)]
@@ -139,15 +140,26 @@ def measure(python: str, variants: list[str], methods: dict[str, list[str]], sha
     t0 = time.monotonic()
     load_before = os.getloadavg()
     log_dir.mkdir(parents=True, exist_ok=True)
-    workers: list[Worker] = []
     failed: dict[str, str] = {}
     setup: dict[str, dict] = {}
     configs: list[tuple[Worker, str]] = []
+    started: list[Worker] = []
+
+    def start(i: int) -> None:
+        if i < len(variants):
+            v = variants[i]
+            started.append(Worker(python, v, methods[v], shape, threads, timing.prefill_qlen, log_dir, prefix))
+
     try:
+        # Two set up at a time: one imports torch while the other draws and
+        # quantizes its weights, without five processes' transient ~1 GB each.
+        start(0)
+        start(1)
         for i, v in enumerate(variants):
             t = time.monotonic()
-            w = Worker(python, v, methods[v], shape, threads, timing.prefill_qlen, log_dir, prefix)
+            w = started[i]
             ready = w.read(timeout)
+            start(i + 2)
             setup[v] = ready
             if not ready.get("ready"):
                 failed.update({f"{v}/{m}": ready.get("error", "the probe did not start") for m in methods[v]})
@@ -159,7 +171,6 @@ def measure(python: str, variants: list[str], methods: dict[str, list[str]], sha
                 progress(f"variant {v}: kt-kernel loaded {ready.get('variant')} instead; left out")
                 w.close()
                 continue
-            workers.append(w)
             for m in methods[v]:
                 info = ready["methods"].get(m, {})
                 if info.get("ok"):
@@ -194,7 +205,7 @@ def measure(python: str, variants: list[str], methods: dict[str, list[str]], sha
             progress(f"round {r + 1}/{rounds} ({time.monotonic() - tr:.0f} s, load {os.getloadavg()[0]:.1f}), "
                      f"decode/prefill tok/s: " + ", ".join(line))
     finally:
-        for w in workers:
+        for w in started:
             w.close()
     rows = [{"variant": v, "method": m, "samples": s} for (v, m), s in samples.items()]
     return {"rows": rows, "failed": failed, "setup": setup, "logs": str(log_dir),

@@ -21,17 +21,22 @@ from pathlib import Path
 
 import pytest
 
-from ktenv import doctor, hostinfo, ktkernel
 from ktenv import spec as specmod
+from ktenv.build.ktkernel import variants as ktv
 from ktenv.errors import KtenvError, SpecError
+from ktenv.host import cpu as hostcpu
+from ktenv.host import facts as hostfacts
 from ktenv.serve import tune, tune_decide, tune_measure
-from tests.conftest import REPO, stack_python, stack_skip_reason
+from ktenv.target import resolve
 
-FIX = Path(__file__).parent / "fixtures"
-HOST = hostinfo.cpu_info()
-RUNNABLE = ktkernel.runnable_variants(HOST.flags)
-NOT_RUNNABLE = [v for v in ktkernel.VARIANTS if v not in RUNNABLE]
-needs_env = pytest.mark.skipif(stack_python() is None, reason=stack_skip_reason())
+from conftest import FIXTURES, REPO
+
+FIX = FIXTURES
+SPEC = specmod.load(REPO / "envs")
+KT = SPEC.knowledge.kt_kernel
+HOST = hostcpu.cpu_info()
+RUNNABLE = ktv.runnable_variants(KT, HOST.flags)
+NOT_RUNNABLE = [v for v in KT.variants if v not in RUNNABLE]
 
 
 # --- recorded tables -----------------------------------------------------------
@@ -209,15 +214,18 @@ def test_result_saved_in_the_env_is_what_launch_reads(tmp_path):
 
 # --- envs/tune.toml, shape, threads -----------------------------------------------
 
-def test_settings_load_and_v4_flash_shape():
+def test_settings_load_and_the_shape_is_the_models():
     s = tune.load_settings(REPO / "envs")
-    assert (s["model"]["hidden"], s["model"]["intermediate"], s["model"]["experts"], s["model"]["topk"]) == (4096, 2048, 256, 6)
+    assert s["bench"]["rounds"] >= tune_decide.MIN_ROUNDS
+    e = SPEC.knowledge.model.experts
+    assert (e.hidden, e.intermediate, e.routed, e.top_k) == (4096, 2048, 256, 6)  # V4-Flash, envs/model.toml
 
 
 @pytest.mark.parametrize("edit, says", [
-    (("rounds = 8", "rounds = 8\nround = 3"), "unknown key 'round'"),
-    (("tie_margin = 0.03", "tie_margin = \"small\""), "wrong type"),
-    (("hidden = 4096\n", ""), "lacks hidden"),
+    (("rounds = 8", "rounds = 8\nround = 3"), r"unknown key\(s\) round in \[bench\]"),
+    (("tie_margin = 0.03", "tie_margin = \"small\""), "must be a float"),
+    (("min_experts = 16\n", ""), "missing the required key 'min_experts'"),
+    (("decode_tokens = 1", "decode_tokens = true"), "must be a"),
 ])
 def test_broken_tune_toml_is_refused(envs_copy, edit, says):
     p = envs_copy / "tune.toml"
@@ -227,13 +235,13 @@ def test_broken_tune_toml_is_refused(envs_copy, edit, says):
 
 
 def test_bench_shape_keeps_tokens_per_expert_and_outgrows_the_cache():
-    s = tune.load_settings(REPO / "envs")
-    shape, timing = tune.bench_shape(s, llc=32 * 2**20, chunk=2048)
+    s, e = tune.load_settings(REPO / "envs"), SPEC.knowledge.model.experts
+    shape, timing = tune.bench_shape(e, "V4", s, llc=32 * 2**20, chunk=2048)
     assert shape["experts"] == 16 and timing.prefill_qlen == 128 and timing.decode_qlen == 1
     assert shape["tokens_per_expert"] == 48.0  # 2048 tokens x top-6 / 256 experts, as in the server
     # kt-kernel's matrix path starts at qlen > 4 * experts / topk: prefill is on it, decode is not.
     assert timing.prefill_qlen > 4 * shape["experts"] / shape["topk"] > timing.decode_qlen
-    big, t2 = tune.bench_shape(s, llc=320 * 2**20, chunk=2048)  # a large server L3: 4 x 320 MB of weights
+    big, t2 = tune.bench_shape(e, "V4", s, llc=320 * 2**20, chunk=2048)  # a large server L3: 4 x 320 MB of weights
     assert big["experts"] > 16 and big["weights_bytes"] >= 4 * 320 * 2**20
     assert t2.prefill_qlen * big["topk"] / big["experts"] == pytest.approx(48, rel=0.05)
 
@@ -245,41 +253,50 @@ def test_llc_is_read_from_sysfs():
 
 
 def test_threads_are_what_launch_gives_one_pool():
-    spec = specmod.load(REPO / "envs")
-    facts = doctor.recorded_facts(FIX / "doctor" / "h100", use_nvml=False)
-    host = tune.server_threads(spec, "sm90", facts)
+    facts = hostfacts.recorded_facts(FIX / "doctor" / "h100", use_nvml=False)
+    host = tune.server_threads(SPEC, "sm90", facts)
     # the H100 recording: `--kt-cpuinfer 15 --kt-threadpool-count 1` (tests/fixtures/doctor/README.md)
     assert (host["cpuinfer"], host["pools"], host["threads"]) == (15, 1, 15)
 
 
-def test_a_recorded_host_is_refused(tmp_path):
-    facts = doctor.recorded_facts(FIX / "doctor" / "h100", use_nvml=False)
+def test_a_recorded_host_is_refused(stack_env):
+    facts = hostfacts.recorded_facts(FIX / "doctor" / "h100", use_nvml=False)
     with pytest.raises(KtenvError, match="measures this machine"):
-        tune.tune(tmp_path / "bin/python", arch="sm90", envs=REPO / "envs", facts=facts)
+        tune.tune(resolve(SPEC, "sm90", prefix=stack_env, lock_root=REPO / "lock"), facts=facts)
+
+
+def test_an_env_that_is_not_there_is_refused(tmp_path):
+    with pytest.raises(KtenvError, match="Build it first: python build.py env --arch sm90"):
+        tune.tune(resolve(SPEC, "sm90", prefix=tmp_path / "none", lock_root=REPO / "lock"))
+
+
+def test_amxint4_is_measured_in_every_avx512_build_not_avx2():
+    assert tune.amxint4_variants(KT) == ["amx", "avx512_bf16", "avx512_vbmi", "avx512_vnni", "avx512_base"]
+    assert tune.methods_for(KT, "avx2") == ["MXFP4"] and tune.methods_for(KT, "avx512_base") == ["MXFP4", "AMXINT4"]
 
 
 # --- forced variants ----------------------------------------------------------------
 
 def _facts_with_cpu(cpuinfo_file: str):
-    return dataclasses.replace(doctor.live_facts(), cpuinfo_text=(FIX / "cpuinfo" / cpuinfo_file).read_text())
+    return dataclasses.replace(hostfacts.live_facts(), cpuinfo_text=(FIX / "cpuinfo" / cpuinfo_file).read_text())
 
 
 def test_a_forced_variant_above_a_recorded_cpu_is_refused():
     # Haswell-E has AVX2 only: every AVX512 and AMX build would die with SIGILL.
-    flags = hostinfo.cpu_info((FIX / "cpuinfo" / "haswell-e-i7-5820k.txt").read_text()).flags
+    flags = hostcpu.cpu_info((FIX / "cpuinfo" / "haswell-e-i7-5820k.txt").read_text()).flags
     for v in ("amx", "avx512_base"):
         with pytest.raises(KtenvError, match="SIGILL") as e:
-            tune.refuse_variant(v, flags)
+            tune.refuse_variant(KT, v, flags)
         assert e.value.exit_code == 2
-    tune.refuse_variant("avx2", flags)  # runnable: no error
+    tune.refuse_variant(KT, "avx2", flags)  # runnable: no error
 
 
-@pytest.mark.skipif(not NOT_RUNNABLE, reason="this CPU runs all six kt-kernel variants (it has AMX); "
+@pytest.mark.skipif(not NOT_RUNNABLE, reason="this CPU runs every variant (it has AMX); "
                     "the refusal is tested on a recorded CPU above")
-def test_cli_refuses_a_variant_this_cpu_cannot_run(cli):
-    p = cli("tune", "--arch", "sm90", "--variant", NOT_RUNNABLE[0])
+def test_cli_refuses_a_variant_this_cpu_cannot_run(cli, stack_env):
+    p = cli("tune", "--arch", "sm90", "--prefix", str(stack_env), "--variant", NOT_RUNNABLE[0])
     assert p.returncode == 2, p.stdout + p.stderr
-    missing = ktkernel.missing_instructions(NOT_RUNNABLE[0], HOST.flags)
+    missing = ktv.missing_instructions(KT, NOT_RUNNABLE[0], HOST.flags)
     assert "SIGILL" in p.stderr and missing[0] in p.stderr
 
 
@@ -290,23 +307,27 @@ def _tiny_envs(dst: Path, rounds: int = 2) -> Path:
     import shutil
 
     shutil.copytree(REPO / "envs", dst)
-    p = dst / "tune.toml"
-    text = p.read_text()
-    for a, b in (("hidden = 4096", "hidden = 512"), ("intermediate = 2048", "intermediate = 256"),
-                 ("experts = 256", "experts = 64"), ("min_experts = 16", "min_experts = 8"),
-                 ("llc_multiple = 4", "llc_multiple = 0"), ("rounds = 8", f"rounds = {rounds}"),
-                 ("decode_seconds = 0.3", "decode_seconds = 0.05"), ("decode_min_iters = 5", "decode_min_iters = 3")):
-        assert a in text
-        text = text.replace(a, b)
-    p.write_text(text)
+    for name, edits in (("model.toml", (("routed = 256", "routed = 64"), ("hidden = 4096", "hidden = 512"),
+                                        ("intermediate = 2048", "intermediate = 256"))),
+                        ("tune.toml", (("min_experts = 16", "min_experts = 8"), ("llc_multiple = 4", "llc_multiple = 0"),
+                                       ("rounds = 8", f"rounds = {rounds}"), ("decode_seconds = 0.3", "decode_seconds = 0.05"),
+                                       ("decode_min_iters = 5", "decode_min_iters = 3")))):
+        p = dst / name
+        text = p.read_text()
+        for a, b in edits:
+            assert a in text, (name, a)
+            text = text.replace(a, b)
+        p.write_text(text)
     return dst
 
 
+def _target(envs: Path, prefix: Path):
+    return resolve(specmod.load(envs), "sm90", prefix=prefix, lock_root=REPO / "lock")
+
+
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One real tune at a small shape (1 round per variant) in its own cache dir."""
-    if stack_python() is None:
-        pytest.skip(stack_skip_reason())
+def tiny_run(tmp_path_factory, stack_env):
+    """One real tune at a small shape (2 rounds per variant) in its own cache dir, then the same again."""
     root = tmp_path_factory.mktemp("tune")
     envs = _tiny_envs(root / "envs", rounds=2)
     old = os.environ.get("KTENV_CACHE_DIR")
@@ -314,13 +335,13 @@ def tiny_run(tmp_path_factory):
     try:
         lines: list[str] = []
         t0 = time.monotonic()
-        first = tune.tune(stack_python(), arch="sm90", envs=envs, workload="prefill", progress=lines.append)
+        first = tune.tune(_target(envs, stack_env), workload="prefill", progress=lines.append)
         first_s = time.monotonic() - t0
         t0 = time.monotonic()
-        again = tune.tune(stack_python(), arch="sm90", envs=envs, workload="decode", progress=lines.append)
+        again = tune.tune(_target(envs, stack_env), workload="decode", progress=lines.append)
         again_s = time.monotonic() - t0
         yield {"first": first, "again": again, "first_s": first_s, "again_s": again_s, "lines": lines, "envs": envs,
-               "root": root}
+               "root": root, "env": stack_env}
     finally:
         if old is None:
             os.environ.pop("KTENV_CACHE_DIR", None)
@@ -329,7 +350,6 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@needs_env
 def test_real_tune_measures_every_runnable_variant_and_method(tiny_run):
     r = tiny_run["first"]
     assert r["cache"] == "miss" and r["runnable"] == RUNNABLE
@@ -349,7 +369,6 @@ def test_real_tune_measures_every_runnable_variant_and_method(tiny_run):
 
 
 @pytest.mark.slow
-@needs_env
 def test_real_tune_second_call_is_a_cache_hit(tiny_run):
     first, again = tiny_run["first"], tiny_run["again"]
     assert again["cache"] == "hit" and again["key"] == first["key"]
@@ -360,69 +379,67 @@ def test_real_tune_second_call_is_a_cache_hit(tiny_run):
 
 
 @pytest.mark.slow
-@needs_env
 def test_cache_key_follows_cpu_kt_kernel_version_and_threads(tiny_run, tmp_path):
-    first, envs = tiny_run["first"], tiny_run["envs"]
+    first, envs, env = tiny_run["first"], tiny_run["envs"], tiny_run["env"]
+    quiet = dict(progress=lambda s: None)
     os.environ["KTENV_CACHE_DIR"] = str(tiny_run["root"] / "cache")
     try:
         v = first["default_variant"]
         # A forced variant with no cached measurement for its key: nothing is measured, the key shows.
-        other_threads = tune.tune(stack_python(), arch="sm90", envs=envs, threads=first["threads"] + 1
-                                  if first["threads"] < HOST.logical_cpus else first["threads"] - 1, variant=v,
-                                  progress=lambda s: None)
+        n = first["threads"] + 1 if first["threads"] < HOST.logical_cpus else first["threads"] - 1
+        other_threads = tune.tune(_target(envs, env), threads=n, variant=v, **quiet)
         assert other_threads["key"] != first["key"] and other_threads["cache"] == "forced"
         assert other_threads["choice"]["variant"] == v and other_threads["rows"] == []
         # same threads, forced: the cached table is shown with the forced choice
-        forced_hit = tune.tune(stack_python(), arch="sm90", envs=envs, variant=v, progress=lambda s: None)
+        forced_hit = tune.tune(_target(envs, env), variant=v, **quiet)
         assert forced_hit["cache"] == "hit" and forced_hit["rows"] and forced_hit["choice"]["why"] == "forced with --variant"
         # another kt-kernel version in the env: another key
         fake = tmp_path / "env"
         (fake / "bin").mkdir(parents=True)
-        (fake / "bin/python").symlink_to(stack_python())
+        (fake / "bin/python").symlink_to(env / "bin" / "python")
         meta = fake / "lib/python3.11/site-packages/kt_kernel-9.9.9.dist-info"
         meta.mkdir(parents=True)
         (meta / "METADATA").write_text("Name: kt-kernel\nVersion: 9.9.9\n")
-        other_version = tune.tune(fake / "bin/python", arch="sm90", envs=envs, variant=v, progress=lambda s: None)
+        other_version = tune.tune(_target(envs, fake), variant=v, **quiet)
         assert other_version["kt_kernel_version"] == "9.9.9" and other_version["key"] != first["key"]
         # another CPU model (a recorded Zen 4 Threadripper): another key
-        facts = _facts_with_cpu("zen4-threadripper-7960x.txt")
-        other_cpu = tune.tune(stack_python(), arch="sm90", envs=envs, variant="avx2", facts=facts, progress=lambda s: None)
+        other_cpu = tune.tune(_target(envs, env), variant="avx2", facts=_facts_with_cpu("zen4-threadripper-7960x.txt"),
+                              **quiet)
         assert other_cpu["key"] != first["key"] and "Threadripper" in other_cpu["cpu"]["model"]
     finally:
         os.environ.pop("KTENV_CACHE_DIR", None)
 
 
 @pytest.mark.slow
-@needs_env
 def test_cli_shows_the_cached_table_and_records_it_in_the_env(tiny_run, tmp_path, cli):
     """`build.py tune` on an env whose measurement is cached: no kt-kernel process, the table, the record."""
-    env = stack_python().parent.parent
+    env = tiny_run["env"]
     prefix = tmp_path / "env"
     (prefix / "bin").mkdir(parents=True)
-    (prefix / "bin/python").symlink_to(stack_python())
+    (prefix / "bin/python").symlink_to(env / "bin" / "python")
     (prefix / "lib").symlink_to(env / "lib")  # kt-kernel's dist-info: the same version, so the same key
     p = cli("tune", "--arch", "sm90", "--prefix", str(prefix), "--envs", str(tiny_run["envs"]), "--workload", "prefill",
             env={"KTENV_CACHE_DIR": str(tiny_run["root"] / "cache")}, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert "measurement from the cache" in p.stdout and "prefill pick for MXFP4" in p.stdout
+    assert "measurement from the cache" in p.stderr and "prefill pick for MXFP4" in p.stdout
     saved = tune.load(prefix)
     assert saved["key"] == tiny_run["first"]["key"] and saved["workload"] == "prefill"
     assert f"KT_KERNEL_CPU_VARIANT={saved['choice']['variant']}" in p.stdout
 
 
 @pytest.mark.slow
-@needs_env
-@pytest.mark.skipif(not NOT_RUNNABLE, reason="this CPU runs all six kt-kernel variants (it has AMX)")
-def test_a_variant_this_cpu_cannot_run_fails_in_the_probe_and_is_reported(tmp_path):
+@pytest.mark.skipif(not NOT_RUNNABLE, reason="this CPU runs every variant (it has AMX)")
+def test_a_variant_this_cpu_cannot_run_fails_in_the_probe_and_is_reported(tmp_path, stack_python):
     """Past tune's refusal (measure() called directly), the build dies in its first forwards; the error says so.
 
     Every method the variant offers is set up: on a Zen CPU the amx build's
     MXFP4 class happened to run (kt-kernel 0.7.2), its AMXINT4 one died.
     """
     bad = NOT_RUNNABLE[-1]  # the lowest variant above this CPU
-    s = tune.load_settings(_tiny_envs(tmp_path / "envs"))
-    shape, timing = tune.bench_shape(s, None, 2048)
-    with pytest.raises(KtenvError, match="No kt-kernel variant could be set up") as e:
-        tune_measure.measure(str(stack_python()), [bad], {bad: tune.methods_for(bad)}, shape, 1, timing, 1,
+    envs = _tiny_envs(tmp_path / "envs")
+    s, e = tune.load_settings(envs), specmod.load(envs).knowledge.model.experts
+    shape, timing = tune.bench_shape(e, "tiny", s, None, 2048)
+    with pytest.raises(KtenvError, match="No kt-kernel variant could be set up") as err:
+        tune_measure.measure(str(stack_python), [bad], {bad: tune.methods_for(KT, bad)}, shape, 1, timing, 1,
                              tmp_path / "logs", progress=lambda s: None)
-    assert "killed by signal 4" in str(e.value) and "SIGILL" in str(e.value)
+    assert "killed by signal 4" in str(err.value) and "SIGILL" in str(err.value)
