@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--python", help="the interpreter to build the env with (default: found by uv)")
     p.add_argument("--backend", choices=("uv", "conda"), default="uv")
     p.add_argument("--channel", metavar="URL", help="with --backend conda: the channel the conda lock was made against")
+    p.add_argument("--tune", nargs="?", const="mixed", choices=("decode", "prefill", "mixed"), metavar="WORKLOAD",
+                   help="then measure the fastest kt-kernel variant here (build.py tune; default workload: mixed)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_env)
 
@@ -216,7 +218,18 @@ def cmd_env(args) -> int:
         conda.build_conda_prefix(t.spec, t.arch.name, t.prefix, channel_url=args.channel, lock_dir=t.lock_dir, progress=print)
         return 0
     opts = pipeline.Options(python=args.python, kt_source=args.kt_source, target_isa=args.target_isa, wait=not args.no_wait)
-    _print(pipeline.build(t, opts, Progress()), args.json, pipeline.summary)
+    report = pipeline.build(t, opts, Progress())
+    if args.tune:
+        # After the build, not inside it: the build stage sits below serve, and a
+        # measurement is cached across rebuilds of the same kt-kernel anyway.
+        from .serve import tune
+
+        result = tune.tune(t, workload=args.tune, progress=Progress())
+        tune.record(result, t.prefix)
+        report["kt_tune"] = tune.stamp_entry(result)
+    _print(report, args.json, lambda r: pipeline.summary(r) + (
+        f"\n  kt-kernel tuned: KT_KERNEL_CPU_VARIANT={r['kt_tune']['variant']} ({r['kt_tune']['why']})"
+        if r.get("kt_tune") else ""))
     return 0
 
 
@@ -259,7 +272,7 @@ def cmd_tune(args) -> int:
     result = tune.tune(t, workload=args.workload, threads=args.threads, rounds=args.rounds, variant=args.variant,
                        use_cache=not args.remeasure, progress=Progress())
     if result["choice"]["variant"]:
-        result["recorded_in"] = str(tune.save(result, t.prefix))  # where launch and activation read it
+        result["recorded_in"] = str(tune.record(result, t.prefix))  # where launch and activation read it
     _print(result, args.json, lambda r: tune.render(r) + (
         f"recorded in {r['recorded_in']}: launch exports KT_KERNEL_CPU_VARIANT={r['choice']['variant']}"
         if r.get("recorded_in") else "no choice recorded"))

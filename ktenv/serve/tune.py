@@ -16,7 +16,8 @@ Public API (what `env --tune`, activation and launch call):
        progress=print, use_cache=True, facts=None) -> dict
   env_vars(result, method="MXFP4") -> {"KT_KERNEL_CPU_VARIANT": ...}
   stamp_entry(result) -> dict                  what the env stamp records
-  save(result, prefix) / load(prefix)          <prefix>/ktenv-tune.json
+  record(result, prefix)                       <prefix>/ktenv-tune.json + the stamp's "kt_tune" entry
+  save(result, prefix) / load(prefix)          <prefix>/ktenv-tune.json alone
   for_launch(prefix, workload, method) -> (env vars, notes)
   advice(result, workload) -> list[str]        (tune_decide) sentences for launch
   render(result) -> str
@@ -42,7 +43,7 @@ from ..host.facts import HostFacts, kt_threads, live_facts, numa_summary
 from ..spec import Spec, launch_profile
 from ..spec.model import ExpertShape, KtKernel
 from ..spec.toml import check_keys, need, read, specifier
-from ..target import Target
+from ..target import STAMP, Target, read_stamp
 from ..tools import cache_dir
 from . import tune_decide
 from .tune_decide import WORKLOADS, advice, stats  # noqa: F401 - advice is part of this module's API
@@ -288,6 +289,23 @@ def save(result: dict, prefix: str | Path) -> Path:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, path)
+    return path
+
+
+def record(result: dict, prefix: str | Path) -> Path:
+    """save() the result into the env and put stamp_entry() into its stamp (`tune` and `env --tune`).
+
+    The stamp's no-op check compares only the keys the build wants, so the
+    extra "kt_tune" entry never makes `env` rebuild; a rebuild starts a fresh
+    env without it (rerun `tune`: the measurement is cached).
+    """
+    path = save(result, prefix)
+    stamp = read_stamp(Path(prefix))
+    if stamp is not None:
+        stamp["kt_tune"] = stamp_entry(result)
+        tmp = Path(prefix) / f".{STAMP}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, Path(prefix) / STAMP)
     return path
 
 

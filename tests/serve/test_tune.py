@@ -443,3 +443,27 @@ def test_a_variant_this_cpu_cannot_run_fails_in_the_probe_and_is_reported(tmp_pa
         tune_measure.measure(str(stack_python), [bad], {bad: tune.methods_for(KT, bad)}, shape, 1, timing, 1,
                              tmp_path / "logs", progress=lambda s: None)
     assert "killed by signal 4" in str(err.value) and "SIGILL" in str(err.value)
+
+
+@pytest.mark.slow
+def test_env_tune_records_the_choice_in_the_env_and_its_stamp(tiny_run, cli):
+    """`build.py env --tune prefill` on the (up-to-date) test env: the build is a no-op, tune answers from the
+    cache, and the env gets ktenv-tune.json and a "kt_tune" stamp entry; the next `env` is still a no-op."""
+    from ktenv.target import STAMP, read_stamp
+
+    env = tiny_run["env"]
+    before = (env / STAMP).read_text()
+    try:
+        run = lambda *extra: cli("env", "--arch", "sm90", "--prefix", str(env), "--envs", str(tiny_run["envs"]),  # noqa: E731
+                                 *extra, env={"KTENV_CACHE_DIR": str(tiny_run["root"] / "cache")}, timeout=300)
+        p = run("--tune", "prefill")
+        assert p.returncode == 0, p.stderr
+        stamp = read_stamp(env)
+        assert stamp["kt_tune"]["key"] == tiny_run["first"]["key"] and stamp["kt_tune"]["workload"] == "prefill"
+        assert f"kt-kernel tuned: KT_KERNEL_CPU_VARIANT={stamp['kt_tune']['variant']}" in p.stdout
+        assert tune.load(env)["choice"]["variant"] == stamp["kt_tune"]["variant"]
+        p = run()
+        assert p.returncode == 0 and "is up to date" in p.stdout, p.stdout + p.stderr
+    finally:
+        (env / STAMP).write_text(before)
+        (env / tune.ENV_FILE).unlink(missing_ok=True)
