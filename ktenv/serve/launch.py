@@ -27,7 +27,7 @@ from ..spec import inputs as spec_inputs
 from ..target import Target
 from . import amxint4
 from . import model as modelmod
-from . import sizing
+from . import sizing, tune
 
 # Flags the host fills in; a profile that sets them is overridden (with a note).
 HOST_FLAGS = ("model", "kt-weight-path", "kt-cpuinfer", "kt-threadpool-count", "tensor-parallel-size")
@@ -374,6 +374,10 @@ def command_for(target: Target, model: str, *, kt_weight_path: str | None = None
         numactl=shutil.which("numactl"), user_env=dict(os.environ), require_gpu=not dry_run,
         stack_version=target.stack, model_facts=model_facts, kt_manifest=manifest,
     )
+    if not recorded and facts.origin == "this host":  # a tuned variant is this CPU's, not another host's
+        tuned, notes = tune.launch_env(target.prefix, cmd.server_args, dict(os.environ))
+        cmd.env.update(tuned)
+        cmd.notes += notes
     if unsized:
         cmd.notes.append(f"The memory flags are envs/'s, not sized to the GPUs: {unsized}")
     if facts.origin != "this host":

@@ -18,7 +18,7 @@ Public API (what `env --tune`, activation and launch call):
   stamp_entry(result) -> dict                  what the env stamp records
   record(result, prefix)                       <prefix>/ktenv-tune.json + the stamp's "kt_tune" entry
   save(result, prefix) / load(prefix)          <prefix>/ktenv-tune.json alone
-  for_launch(prefix, workload, method) -> (env vars, notes)
+  launch_env(prefix, server_args, user_env) -> (env vars, notes)   what launch exports and says
   advice(result, workload) -> list[str]        (tune_decide) sentences for launch
   render(result) -> str
 """
@@ -60,8 +60,8 @@ _KEYS = {
               "rounds": int, "decode_seconds": _NUM, "decode_min_iters": int, "prefill_seconds": _NUM,
               "prefill_min_iters": int, "reason": str, "evidence": list},
     "decide": {"tie_margin": float, "advice_factor": float, "reason": str, "evidence": list},
-    "amxint4": {"stack": str, "rel_diff_vs_mxfp4": float, "rel_diff_vs_int4_emulation": float,
-                "swiglu_clamp_dropped": bool, "reason": str, "evidence": list},
+    "amxint4": {"stack": str, "kernel_vs_int4_emulation": float, "swiglu_clamp_dropped": bool, "reason": str,
+                "evidence": list},
 }
 
 
@@ -79,6 +79,13 @@ def load_settings(envs: str | Path) -> dict:
                 raise SpecError(f"{path}: [{table}].{k} must be a number, got {v!r}.")
     specifier(path, data["amxint4"]["stack"], "[amxint4].stack")
     return data
+
+
+def amxint4_costs(spec: Spec, settings: dict) -> dict:
+    """What advice quotes: the format's loss (serve.toml [convert], shared with convert) and the kernel's own."""
+    return {"rel_diff_vs_mxfp4": float(spec.knowledge.serve.get("convert", {}).get("lossy_rel_diff", 0.29)),
+            "rel_diff_vs_int4_emulation": settings["amxint4"]["kernel_vs_int4_emulation"],
+            "swiglu_clamp_dropped": settings["amxint4"]["swiglu_clamp_dropped"]}
 
 
 def amxint4_variants(kt: KtKernel) -> list[str]:
@@ -243,7 +250,7 @@ def tune(target: Target, *, workload: str = "mixed", threads: int | None = None,
         "timing": asdict(timing), "rounds": rounds, "runnable": runnable,
         "default_variant": ktv.best_variant(kt, cpu.flags),
         "settings": {"tie_margin": settings["decide"]["tie_margin"], "advice_factor": settings["decide"]["advice_factor"]},
-        "amxint4_costs": {k: v for k, v in settings["amxint4"].items() if k not in ("reason", "evidence", "stack")},
+        "amxint4_costs": amxint4_costs(spec, settings),
         "methods_skipped": skipped, "forced": variant,
         **{k: measured.get(k) for k in ("failed", "load", "seconds", "measured_at", "logs")},
         "rows": [dict(r, stats={p: stats(tune_decide.series(r, p)) for p in ("decode", "prefill", "mixed")})
@@ -317,16 +324,41 @@ def load(prefix: str | Path) -> dict | None:
         return None
 
 
-def for_launch(prefix: str | Path, workload: str = "mixed", method: str = "MXFP4") -> tuple[dict[str, str], list[str]]:
-    """(env vars, notes) for `launch`: the tuned KT_KERNEL_CPU_VARIANT for the method, and the advice.
+def launch_env(prefix: str | Path, server_args: list[str], user_env: dict,
+               cpu_model: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """(env vars, notes) for `launch` on this host: the tuned KT_KERNEL_CPU_VARIANT for the command's
+    --kt-method and tune's advice; ({}, []) when the env was never tuned (kt-kernel picks by ISA rank).
 
-    ({}, []) when the env was never tuned: kt-kernel then picks by ISA rank as before.
+    Nothing is exported when the user set the variable (theirs wins), when the
+    result is for another CPU or another kt-kernel (say so: rerun tune), or
+    for a method tune does not measure.
     """
     result = load(prefix)
     if not result:
         return {}, []
-    finish(result, workload)
-    return env_vars(result, method), list(result["advice"])
+    finish(result, result.get("workload") or "mixed")
+    method = "MXFP4"
+    for i, tok in enumerate(server_args):  # the last --kt-method wins, as in argparse
+        if tok == "--kt-method" and i + 1 < len(server_args):
+            method = server_args[i + 1].upper()
+        elif tok.startswith("--kt-method="):
+            method = tok.split("=", 1)[1].upper()
+    here = cpu_model or hostcpu.cpu_info().model
+    if result["cpu"]["model"] != here or result["kt_kernel_version"] != kt_kernel_version(prefix):
+        return {}, [f"The tuned kt-kernel variant in {Path(prefix) / ENV_FILE} was measured for {result['cpu']['model']} "
+                    f"with kt-kernel {result['kt_kernel_version']}, not this {here} with kt-kernel "
+                    f"{kt_kernel_version(prefix)}; kt-kernel picks by ISA rank. Rerun `build.py tune`."]
+    env = env_vars(result, method) if method in METHODS else {}
+    if not env:
+        return {}, [f"tune measured no variant for --kt-method {method}; kt-kernel picks by ISA rank."]
+    if user_env.get("KT_KERNEL_CPU_VARIANT"):
+        return {}, [f"KT_KERNEL_CPU_VARIANT={user_env['KT_KERNEL_CPU_VARIANT']} from your environment wins over "
+                    f"the tuned {env['KT_KERNEL_CPU_VARIANT']}."]
+    if method == "AMXINT4":
+        return env, [f"KT_KERNEL_CPU_VARIANT={env['KT_KERNEL_CPU_VARIANT']}: the fastest kt-kernel variant for "
+                     f"AMXINT4 that `build.py tune` measured here ({result['workload']} workload)."]
+    return env, list(result["advice"]) or [
+        f"KT_KERNEL_CPU_VARIANT={env['KT_KERNEL_CPU_VARIANT']}: tuned ({result['choice']['why']})."]
 
 
 def render(result: dict) -> str:

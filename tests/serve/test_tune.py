@@ -201,15 +201,30 @@ def test_env_vars_and_stamp_entry():
 
 
 def test_result_saved_in_the_env_is_what_launch_reads(tmp_path):
-    r = _result(AMX_HOST, default="amx", workload="mixed")
-    assert tune.for_launch(tmp_path) == ({}, [])  # never tuned: kt-kernel picks by itself, nothing to say
+    r = _result(AMX_HOST, default="amx", workload="prefill")
+    r.update(cpu={"model": "Xeon 8462Y+"}, kt_kernel_version="0.7.2")
+    meta = tmp_path / "lib/python3.11/site-packages/kt_kernel-0.7.2.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Name: kt-kernel\nVersion: 0.7.2\n")
+    mxfp4 = ["--kt-method", "MXFP4"]
+    assert tune.launch_env(tmp_path, mxfp4, {}, "Xeon 8462Y+") == ({}, [])  # never tuned: nothing to export or say
     path = tune.save(r, tmp_path)
     assert path.name == "ktenv-tune.json" and not list(tmp_path.glob("*.tmp"))
-    env, notes = tune.for_launch(tmp_path, workload="prefill")
+    env, notes = tune.launch_env(tmp_path, mxfp4, {}, "Xeon 8462Y+")
     assert env["KT_KERNEL_CPU_VARIANT"] in ("avx512_vbmi", "avx512_vnni", "avx512_base")
     assert any("python build.py convert" in n for n in notes)  # prefill on this host: AMXINT4 2.6x
-    env, notes = tune.for_launch(tmp_path, workload="decode", method="AMXINT4")
+    env, notes = tune.launch_env(tmp_path, ["--kt-method", "AMXINT4"], {}, "Xeon 8462Y+")
     assert env == {"KT_KERNEL_CPU_VARIANT": "amx"} and not any("python build.py convert" in n for n in notes)
+    # the user's own variable wins; a result for another CPU or kt-kernel is not used
+    env, notes = tune.launch_env(tmp_path, mxfp4, {"KT_KERNEL_CPU_VARIANT": "avx2"}, "Xeon 8462Y+")
+    assert env == {} and "from your environment wins" in notes[0]
+    env, notes = tune.launch_env(tmp_path, mxfp4, {}, "AMD EPYC 9654")
+    assert env == {} and "Rerun `build.py tune`" in notes[0]
+    env, notes = tune.launch_env(tmp_path, ["--kt-method=FP8"], {}, "Xeon 8462Y+")
+    assert env == {} and "no variant for --kt-method FP8" in notes[0]
+    (meta / "METADATA").write_text("Name: kt-kernel\nVersion: 0.7.3\n")
+    env, notes = tune.launch_env(tmp_path, mxfp4, {}, "Xeon 8462Y+")
+    assert env == {} and "kt-kernel 0.7.3" in notes[0]
 
 
 # --- envs/tune.toml, shape, threads -----------------------------------------------
@@ -467,3 +482,28 @@ def test_env_tune_records_the_choice_in_the_env_and_its_stamp(tiny_run, cli):
     finally:
         (env / STAMP).write_text(before)
         (env / tune.ENV_FILE).unlink(missing_ok=True)
+
+
+def test_launch_exports_the_tuned_variant_and_says_why(tmp_path, monkeypatch):
+    """launch's real command_for on an env prefix holding a tune result for this CPU and its kt-kernel."""
+    from ktenv.serve import launch
+
+    prefix = tmp_path / "env"
+    meta = prefix / "lib/python3.11/site-packages/kt_kernel-0.7.2.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Name: kt-kernel\nVersion: 0.7.2\n")
+    model = tmp_path / "DeepSeek-V4-Flash"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    rows = [r for r in AMX_HOST if r["method"] == "MXFP4" and r["variant"] in RUNNABLE]
+    r = _result(rows, default=ktv.best_variant(KT, HOST.flags), workload="prefill")
+    r.update(cpu={"model": HOST.model}, kt_kernel_version="0.7.2")
+    tune.save(r, prefix)
+    monkeypatch.delenv("KT_KERNEL_CPU_VARIANT", raising=False)
+    monkeypatch.delenv("KTENV_HOST_RECORDING", raising=False)
+    cmd = launch.command_for(resolve(SPEC, "sm90", prefix=prefix, lock_root=REPO / "lock"), str(model), dry_run=True)
+    assert cmd.env["KT_KERNEL_CPU_VARIANT"] == r["choice"]["variant"]
+    assert f"KT_KERNEL_CPU_VARIANT={r['choice']['variant']}" in cmd.shell()
+    (prefix / tune.ENV_FILE).unlink()
+    cmd = launch.command_for(resolve(SPEC, "sm90", prefix=prefix, lock_root=REPO / "lock"), str(model), dry_run=True)
+    assert "KT_KERNEL_CPU_VARIANT" not in cmd.env  # never tuned: kt-kernel picks by ISA rank, as before
