@@ -36,13 +36,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..build.ktkernel import variants as ktv
-from ..errors import KtenvError, SpecError
+from ..errors import KtenvError
 from ..host import cpu as hostcpu
 from ..host import gpu as gpumod
 from ..host.facts import HostFacts, kt_threads, live_facts, numa_summary
 from ..spec import Spec, launch_profile
 from ..spec.model import ExpertShape, KtKernel
-from ..spec.toml import check_keys, need, read, specifier
 from ..target import STAMP, Target, read_stamp
 from ..tools import cache_dir
 from . import tune_decide
@@ -53,33 +52,6 @@ from .tune_measure import Timing, measure
 MEASURE_VERSION = 1
 METHODS = ("MXFP4", "AMXINT4")
 ENV_FILE = "ktenv-tune.json"
-
-_NUM = (int, float)
-_KEYS = {
-    "bench": {"min_experts": int, "llc_multiple": _NUM, "decode_tokens": int, "prefill_chunk_fallback": int,
-              "rounds": int, "decode_seconds": _NUM, "decode_min_iters": int, "prefill_seconds": _NUM,
-              "prefill_min_iters": int, "reason": str, "evidence": list},
-    "decide": {"tie_margin": float, "advice_factor": float, "reason": str, "evidence": list},
-    "amxint4": {"stack": str, "kernel_vs_int4_emulation": float, "swiglu_clamp_dropped": bool, "reason": str,
-                "evidence": list},
-}
-
-
-def load_settings(envs: str | Path) -> dict:
-    """envs/tune.toml, checked: every table and key known and typed, each table with its reason."""
-    path = Path(envs) / "tune.toml"
-    data = read(path)
-    check_keys(path, data, set(_KEYS), "the top level")
-    for table, keys in _KEYS.items():
-        t = need(path, data, table, dict, "the file")
-        check_keys(path, t, set(keys), f"[{table}]")
-        for k, kind in keys.items():
-            v = need(path, t, k, kind, f"[{table}]")
-            if isinstance(v, bool) and kind is not bool:
-                raise SpecError(f"{path}: [{table}].{k} must be a number, got {v!r}.")
-    specifier(path, data["amxint4"]["stack"], "[amxint4].stack")
-    return data
-
 
 def amxint4_costs(spec: Spec, settings: dict) -> dict:
     """What advice quotes: the format's loss (serve.toml [convert], shared with convert) and the kernel's own."""
@@ -180,7 +152,7 @@ def tune(target: Target, *, workload: str = "mixed", threads: int | None = None,
         raise KtenvError(f"--workload must be one of {', '.join(WORKLOADS)}, not {workload!r}.")
     target.require_env()
     spec, kt, model = target.spec, target.kt, target.spec.knowledge.model
-    settings = load_settings(spec.root)
+    settings = spec.knowledge.tune
     facts = facts or live_facts()
     if facts.origin != "this host":
         raise KtenvError(f"tune measures this machine's CPU, but the host facts come from {facts.origin} "

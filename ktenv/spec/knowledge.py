@@ -1,6 +1,7 @@
 """Stack knowledge from envs/: the model (model.toml), what the stack's code
 loads (loaders.toml), CUDA driver floors (cuda.toml), KT-Kernel's variants
-and build facts (ktkernel.toml), and how the server places weights (serve.toml).
+and build facts (ktkernel.toml), how the server places weights (serve.toml)
+and how `tune` measures (tune.toml).
 
 These are facts about upstream code and hardware, read from sources and
 measurements; each carries the stack range it was read for (and a reason
@@ -152,5 +153,33 @@ def _serve(root: Path) -> dict:
     return data
 
 
+# envs/tune.toml: how `tune` measures kt-kernel's variants and decides (ktenv/serve/tune*.py).
+_NUM = (int, float)
+TUNE_KEYS = {
+    "bench": {"min_experts": int, "llc_multiple": _NUM, "decode_tokens": int, "prefill_chunk_fallback": int,
+              "rounds": int, "decode_seconds": _NUM, "decode_min_iters": int, "prefill_seconds": _NUM,
+              "prefill_min_iters": int, "reason": str, "evidence": list},
+    "decide": {"tie_margin": float, "advice_factor": float, "reason": str, "evidence": list},
+    "amxint4": {"stack": str, "kernel_vs_int4_emulation": float, "swiglu_clamp_dropped": bool, "reason": str,
+                "evidence": list},
+}
+
+
+def _tune(root: Path) -> dict:
+    """Every table and key known and typed, each table with its reason."""
+    path = root / "tune.toml"
+    data = read(path)
+    check_keys(path, data, set(TUNE_KEYS), "the top level")
+    for table, keys in TUNE_KEYS.items():
+        t = need(path, data, table, dict, "the file")
+        check_keys(path, t, set(keys), f"[{table}]")
+        for k, kind in keys.items():
+            v = need(path, t, k, kind, f"[{table}]")
+            if isinstance(v, bool) and kind is not bool:
+                raise SpecError(f"{path}: [{table}].{k} must be a number, got {v!r}.")
+    specifier(path, data["amxint4"]["stack"], "[amxint4].stack")
+    return data
+
+
 def load_knowledge(root: Path) -> Knowledge:
-    return Knowledge(_model(root), _loaders(root), _min_driver(root), _kt_kernel(root), _serve(root))
+    return Knowledge(_model(root), _loaders(root), _min_driver(root), _kt_kernel(root), _serve(root), _tune(root))

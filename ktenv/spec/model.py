@@ -199,6 +199,7 @@ class Knowledge:
     min_driver: dict[str, str]  # CUDA version -> oldest Linux driver
     kt_kernel: KtKernel
     serve: dict  # envs/serve.toml as read (keys checked): launch sizing and convert
+    tune: dict  # envs/tune.toml as read (keys and types checked): how `tune` measures and decides
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,7 @@ def test_result_saved_in_the_env_is_what_launch_reads(tmp_path):
 # --- envs/tune.toml, shape, threads -----------------------------------------------
 
 def test_settings_load_and_the_shape_is_the_models():
-    s = tune.load_settings(REPO / "envs")
+    s = SPEC.knowledge.tune
     assert s["bench"]["rounds"] >= tune_decide.MIN_ROUNDS
     e = SPEC.knowledge.model.experts
     assert (e.hidden, e.intermediate, e.routed, e.top_k) == (4096, 2048, 256, 6)  # V4-Flash, envs/model.toml
@@ -246,11 +246,11 @@ def test_broken_tune_toml_is_refused(envs_copy, edit, says):
     p = envs_copy / "tune.toml"
     p.write_text(p.read_text().replace(*edit, 1))
     with pytest.raises(SpecError, match=says):
-        tune.load_settings(envs_copy)
+        specmod.load(envs_copy)
 
 
 def test_bench_shape_keeps_tokens_per_expert_and_outgrows_the_cache():
-    s, e = tune.load_settings(REPO / "envs"), SPEC.knowledge.model.experts
+    s, e = SPEC.knowledge.tune, SPEC.knowledge.model.experts
     shape, timing = tune.bench_shape(e, "V4", s, llc=32 * 2**20, chunk=2048)
     assert shape["experts"] == 16 and timing.prefill_qlen == 128 and timing.decode_qlen == 1
     assert shape["tokens_per_expert"] == 48.0  # 2048 tokens x top-6 / 256 experts, as in the server
@@ -452,7 +452,7 @@ def test_a_variant_this_cpu_cannot_run_fails_in_the_probe_and_is_reported(tmp_pa
     """
     bad = NOT_RUNNABLE[-1]  # the lowest variant above this CPU
     envs = _tiny_envs(tmp_path / "envs")
-    s, e = tune.load_settings(envs), specmod.load(envs).knowledge.model.experts
+    s, e = specmod.load(envs).knowledge.tune, specmod.load(envs).knowledge.model.experts
     shape, timing = tune.bench_shape(e, "tiny", s, None, 2048)
     with pytest.raises(KtenvError, match="No kt-kernel variant could be set up") as err:
         tune_measure.measure(str(stack_python), [bad], {bad: tune.methods_for(KT, bad)}, shape, 1, timing, 1,
