@@ -44,6 +44,7 @@ class Context:
     modules: list[str] | None = None  # restrict the import sweep (tests); None = all
     extra_args: list[str] = field(default_factory=list)  # extra server flags (launch tiers)
     work: Path | None = None  # where launch-gpu keeps its model and log
+    cpu_flags_given: bool = False  # cpu_flags describe another CPU (judging an env for another machine)
 
     @property
     def spec(self) -> Spec:

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..build import payload
 from ..build.ktkernel.verify import verify_prebuilt
 from ..errors import KtenvError
+from ..serve import tune
 from .cudacode import runs_on
 from .result import FAILED, NEEDS_GPU, PASSED, SKIPPED, Context, Result, probe, version as _v
 
@@ -113,12 +114,20 @@ def _server_args(ctx: Context) -> Result:
 
 
 def _kt_kernel(ctx: Context) -> Result:
+    """The variant the server will load: tune's choice when the env was tuned on this CPU (launch exports
+    it), else kt-kernel's own pick by ISA rank; either must load, be runnable here and have CUDA."""
+    env, expected, why = dict(ctx.env), None, "the best this CPU runs"
+    tuned, _ = tune.launch_env(ctx.prefix, ["--kt-method", "MXFP4"], ctx.env)
+    if tuned and not ctx.cpu_flags_given:
+        env.update(tuned)
+        expected, why = tuned["KT_KERNEL_CPU_VARIANT"], "the variant `tune` measured fastest here, which launch exports"
     try:
-        rep = verify_prebuilt(ctx.spec.knowledge.kt_kernel, str(ctx.python), ctx.cpu_flags or None, environ=ctx.env)
+        rep = verify_prebuilt(ctx.spec.knowledge.kt_kernel, str(ctx.python), ctx.cpu_flags or None, expected=expected,
+                              environ=env)
     except KtenvError as e:
         return Result("import", "kt_kernel", FAILED, str(e).split(". ")[0] + ".", str(e))
     return Result("import", "kt_kernel", PASSED,
-                  f"kt-kernel {rep.get('kt_kernel_version')} loads its {rep['variant']} build (the best this CPU runs: "
+                  f"kt-kernel {rep.get('kt_kernel_version')} loads its {rep['variant']} build ({why}; best by ISA: "
                   f"{rep['best']}); CPUInfer.submit_with_cuda_stream present (built with CUDA)", detail=rep)
 
 

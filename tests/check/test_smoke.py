@@ -284,7 +284,7 @@ def test_kt_kernel_variant_checks(good_env):
     assert r.status == FAILED and "KT_KERNEL_CPU_VARIANT='avx512' is not a kt-kernel variant" in r.evidence
     # The same env judged for an AVX2-only CPU: what this host loads would die with SIGILL there.
     haswell = (REPO / "tests/fixtures/cpuinfo/haswell-e-i7-5820k.txt").read_text()
-    ctx = ctx_for(good_env, cpu_flags=cpu_info(haswell).flags)
+    ctx = ctx_for(good_env, cpu_flags=cpu_info(haswell).flags, cpu_flags_given=True)
     if best_variant(SPEC.knowledge.kt_kernel, cpu_info().flags) == "avx2":
         pytest.skip("this host is AVX2-only itself: nothing above AVX2 loads here")
     r = tier_import._kt_kernel(ctx)
