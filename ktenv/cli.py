@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import KtenvError
 
 ISAS = ("amx", "avx512_bf16", "avx512_vbmi", "avx512_vnni", "avx512_base", "avx2")
-TIERS = ("import", "kernel", "launch-cpu", "launch-gpu")
+TIERS = ("import", "kernel", "toolchain", "launch-cpu", "launch-gpu")
 
 
 def _arch_args(p: argparse.ArgumentParser, allow_all: bool = False) -> None:
@@ -68,6 +68,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kt-source", metavar="PATH", help="build kt-kernel from this ktransformers checkout")
     p.add_argument("--target-isa", choices=ISAS, help="build kt-kernel for another machine's CPU")
     p.add_argument("--python", help="the interpreter to build the env with (default: found by uv)")
+    p.add_argument("--cuda-home", metavar="PATH", help="the CUDA toolkit the env's JIT kernels use (default: found; see `toolchain`)")
     p.add_argument("--backend", choices=("uv", "conda"), default="uv")
     p.add_argument("--channel", metavar="URL", help="with --backend conda: the channel the conda lock was made against")
     p.add_argument("--tune", nargs="?", const="mixed", choices=("decode", "prefill", "mixed"), metavar="WORKLOAD",
@@ -82,6 +83,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", action="append", choices=TIERS, help="run only these tiers (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_smoke)
+
+    p = sub.add_parser("toolchain", help="the CUDA toolkit the env's JIT kernels use: found, checked, or provisioned")
+    _arch_args(p)
+    _common(p)
+    _env_args(p)
+    p.add_argument("--cuda-home", metavar="PATH", help="use this toolkit, or say why it cannot be used")
+    p.add_argument("--provision", action="store_true", help="fetch a pinned toolkit (envs/toolchain.toml) when none is usable")
+    p.add_argument("--source", metavar="NAME", help="provision this pinned source (envs/toolchain.toml [[source]] name) even if another toolkit is usable")
+    p.add_argument("--from-dir", metavar="DIR", help="with --provision/--source: take the pinned archives from DIR instead of downloading")
+    p.add_argument("--print-env", action="store_true", help="print `export` lines that activate the env with the toolkit")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_toolchain)
 
     p = sub.add_parser("audit", help="CUDA arch coverage of the binaries the env's loaders will load")
     _arch_args(p)
@@ -217,7 +230,8 @@ def cmd_env(args) -> int:
 
         conda.build_conda_prefix(t.spec, t.arch.name, t.prefix, channel_url=args.channel, lock_dir=t.lock_dir, progress=print)
         return 0
-    opts = pipeline.Options(python=args.python, kt_source=args.kt_source, target_isa=args.target_isa, wait=not args.no_wait)
+    opts = pipeline.Options(python=args.python, kt_source=args.kt_source, target_isa=args.target_isa, wait=not args.no_wait,
+                            cuda_home=args.cuda_home)
     report = pipeline.build(t, opts, Progress())
     if args.tune:
         # After the build, not inside it: the build stage sits below serve, and a
@@ -236,9 +250,16 @@ def cmd_env(args) -> int:
 def cmd_smoke(args) -> int:
     from .check import smoke
 
-    report = smoke.smoke(smoke.context(_target(args)), args.tier or smoke.TIERS)
+    ctx = smoke.context(_target(args), compile_jit="toolchain" in (args.tier or []))
+    report = smoke.smoke(ctx, args.tier or smoke.TIERS)
     _print(report, args.json, smoke.render)
     return 0 if report["ok"] else 1
+
+
+def cmd_toolchain(args) -> int:
+    from .build import toolchain_cli
+
+    return toolchain_cli.run(_target(args), args)
 
 
 def cmd_audit(args) -> int:

@@ -47,7 +47,7 @@ from ..errors import KtenvError
 from ..progress import Progress, beat
 from ..target import STAMP, STAMP_FORMAT, Target
 from ..tools import uv_bin
-from . import dists, patches as patches_mod, payload as payload_mod
+from . import dists, patches as patches_mod, payload as payload_mod, toolchain
 from .disk import DiskFull, preflight
 from .envdir import BuildLock, check_relocated, check_replaceable, clean_stale, dist_infos, siblings, swap_in, up_to_date
 from .ktkernel import install as ktinstall
@@ -71,6 +71,7 @@ class Options:
     wait: bool = True
     patches_dir: Path = PATCHES_DIR
     payload_cache: Path | None = None
+    cuda_home: str | None = None  # --cuda-home: the toolkit the env's JIT uses (recorded in the stamp)
 
 
 def build(target: Target, opts: Options | None = None, progress=None) -> dict:
@@ -99,6 +100,8 @@ def build(target: Target, opts: Options | None = None, progress=None) -> dict:
     }
     if opts.python:
         want["python_requested"] = opts.python
+    if opts.cuda_home:  # another explicit toolkit: rebuild, so the stamp records the new choice
+        want["cuda_home_requested"] = os.path.abspath(opts.cuda_home)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with BuildLock(prefix, opts.wait, progress):
         cleaned = clean_stale(prefix, progress)
@@ -198,6 +201,7 @@ def _build_into(tmp, prefix, target, opts, want, python, pyver, uv, patch_list, 
             "Relock (`python build.py lock`) or add a patch to patches/ with its reason."
         )
     progress(f"checks: uv pip check clean; kt-kernel variant {kt_report.get('variant', '?')}; payload loads from the env")
+    tc_record = toolchain.env_record(target.spec.root, lock.arch, lock.cuda, tmp, cuda_home=opts.cuda_home, progress=progress)
 
     stamp = dict(want)
     stamp.update(
@@ -210,6 +214,7 @@ def _build_into(tmp, prefix, target, opts, want, python, pyver, uv, patch_list, 
                        **({"source_build": {k: str(v) if isinstance(v, Path) else v for k, v in kt_built.items()}} if kt_built else {})),
         payload={k: payload_report.get(k) for k in ("present", "version", "archive_sha256", "bytes", "files")},
         patches=patch_report["changes"],
+        toolchain=tc_record,
         built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     stamp = _relocate(stamp, tmp, prefix)
@@ -234,6 +239,7 @@ def _build_into(tmp, prefix, target, opts, want, python, pyver, uv, patch_list, 
         "payload_check": payload_check,
         "patches": patch_report,
         "pip_check": "clean",
+        "toolchain": stamp["toolchain"],
         "cleaned": cleaned,
         "swap": how,
         "seconds": times,
@@ -271,5 +277,8 @@ def summary(r: dict) -> str:
     lines.append(f"  patches: {len(meta)} metadata edit(s), {len(src)} source patch(es); uv pip check: clean")
     if pat.get("shared_files"):
         lines.append(f"  shared files (accepted): {', '.join(s['path'] for s in pat['shared_files'])}")
+    tc = r.get("toolchain") or {}
+    lines.append(f"  CUDA toolchain for JIT: {tc['version']} at {tc['cuda_home']} ({tc['origin']})" if tc.get("cuda_home")
+                 else f"  CUDA toolchain for JIT: NONE -- the env cannot JIT-compile. {tc.get('remedy', '')}")
     lines.append(f"  use: {r['prefix']}/bin/python, or `python build.py smoke --arch {r['arch']} --prefix {r['prefix']}`")
     return "\n".join(lines)

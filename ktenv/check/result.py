@@ -45,6 +45,7 @@ class Context:
     extra_args: list[str] = field(default_factory=list)  # extra server flags (launch tiers)
     work: Path | None = None  # where launch-gpu keeps its model and log
     cpu_flags_given: bool = False  # cpu_flags describe another CPU (judging an env for another machine)
+    compile_jit: bool = False  # the toolchain tier compiles the first-start kernels (asked for with --tier toolchain)
 
     @property
     def spec(self) -> Spec:

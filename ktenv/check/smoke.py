@@ -5,6 +5,9 @@
                 (tier_import.py)
     kernel      a KT-Kernel MXFP4 MoE forward against a torch reference
                 (tier_kernel.py)
+    toolchain   the CUDA toolkit the env JIT-compiles with: torch's major, new
+                enough for the arch, found by every JIT path; with `--tier
+                toolchain` the first-start kernels compiled, timed (toolchain_tier.py)
     launch-cpu  the arch's launch command through sglang's own argparse, and
                 the DeepSeek-V4 env-var rules (tier_launch.py)
     launch-gpu  a real server on a generated tiny DeepSeek-V4 model (dummy
@@ -27,9 +30,11 @@ from .result import FAILED, NEEDS_GPU, PASSED, SKIPPED, Context, Result, child_e
 from .tier_import import import_tier
 from .tier_kernel import kernel_tier
 from .tier_launch import launch_cpu_tier, launch_gpu_tier
+from .toolchain_tier import toolchain_tier
 
-TIERS = ("import", "kernel", "launch-cpu", "launch-gpu")
-TIER_FUNCS = {"import": import_tier, "kernel": kernel_tier, "launch-cpu": launch_cpu_tier, "launch-gpu": launch_gpu_tier}
+TIERS = ("import", "kernel", "toolchain", "launch-cpu", "launch-gpu")
+TIER_FUNCS = {"import": import_tier, "kernel": kernel_tier, "toolchain": toolchain_tier,
+              "launch-cpu": launch_cpu_tier, "launch-gpu": launch_gpu_tier}
 
 
 def context(target: Target, **kw) -> Context:

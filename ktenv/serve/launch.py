@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..build import activate, toolchain
 from ..build.ktkernel.variants import check_override
 from ..errors import KtenvError
 from ..host import gpu as gpumod
@@ -380,6 +381,14 @@ def command_for(target: Target, model: str, *, kt_weight_path: str | None = None
         cmd.notes += notes
     if unsized:
         cmd.notes.append(f"The memory flags are envs/'s, not sized to the GPUs: {unsized}")
+    if python.exists() and not recorded:
+        # The server runs inside the env: its bin/ first on PATH (tvm-ffi runs `ninja` from PATH),
+        # and the CUDA toolkit `env` recorded for the JIT kernels (CUDA_HOME, include dirs, host compiler).
+        tc = toolchain.for_env(spec.root, arch.name, target.prefix)
+        cmd.env.update(activate.changes(target.prefix, tc, os.environ))
+        if not tc.get("cuda_home"):
+            cmd.notes.append(f"No usable CUDA toolkit for this env: the first DeepSeek-V4 forward JIT-compiles kernels "
+                             f"and will fail. {tc.get('remedy') or ''} (`python build.py toolchain --arch {arch.name}`)")
     if facts.origin != "this host":
         how = "--host-facts" if recorded else "KTENV_HOST_RECORDING"
         cmd.notes.append(f"Host facts come from {facts.origin} ({how}), not this machine: the command is for that host.")

@@ -17,6 +17,7 @@ from packaging.version import InvalidVersion, Version
 from ..errors import SpecError
 from .model import ExpertShape, Knowledge, Known, KtKernel, Loaders, Model, PathNeed
 from .toml import check_keys, need, read, specifier
+from .toolchain import load as load_toolchain
 
 
 def _known(path: Path, table: dict, where: str, reason: bool = True) -> Known:
@@ -182,4 +183,5 @@ def _tune(root: Path) -> dict:
 
 
 def load_knowledge(root: Path) -> Knowledge:
-    return Knowledge(_model(root), _loaders(root), _min_driver(root), _kt_kernel(root), _serve(root), _tune(root))
+    return Knowledge(_model(root), _loaders(root), _min_driver(root), _kt_kernel(root), _serve(root), _tune(root),
+                     load_toolchain(root))
