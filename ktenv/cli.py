@@ -52,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the lock here instead of lock/<arch>[/stack-<v>]")
     p.add_argument("--conda", action="store_true", help="also solve envs/conda.toml into lock/<arch>/conda-lock.yml")
     p.add_argument("--channel", metavar="URL", help="conda channel to solve against (default: envs/conda.toml's)")
+    p.add_argument("--exclude-newer", metavar="none|DATE",
+                   help="with --conda: the solve's cut-off (default: the stack's exclude_newer; `none` for a mirror "
+                        "whose index stamps packages with its own indexing time)")
+    p.add_argument("--python", metavar="X.Y", help="with --conda: the conda lock's Python (default: the stack's first)")
     p.set_defaults(handler=cmd_lock)
 
     p = sub.add_parser("explain", help="the rules in effect and where the lock departs from upstream")
@@ -191,6 +195,8 @@ def cmd_lock(args) -> int:
     if args.out and len(archs) > 1:
         raise KtenvError("--out names one directory; use it with --arch, not --all.")
     targets = {a: Path(args.out) if args.out else make.lock_dir(Path(args.lock_dir), spec, a, args.stack) for a in archs}
+    if (args.exclude_newer or args.python) and not args.conda:
+        raise KtenvError("--exclude-newer and --python choose the conda lock's cut-off and Python; use them with --conda.")
     if args.check:
         extra = []
         if any((d / "conda-lock.yml").exists() for d in targets.values()):
@@ -205,8 +211,10 @@ def cmd_lock(args) -> int:
     if args.conda:
         from .lock import conda
 
+        cutoff = conda.parse_exclude_newer(args.exclude_newer)
         for a in archs:
-            conda.lock(spec, a, out_dir=targets[a], channel_url=args.channel, stack_version=args.stack)
+            conda.lock(spec, a, out_dir=targets[a], channel_url=args.channel, stack_version=args.stack,
+                       python=args.python, exclude_newer=cutoff, offline=args.offline)
     return 0
 
 
@@ -223,15 +231,10 @@ def cmd_env(args) -> int:
     from .progress import Progress
 
     t = _target(args, follow_stamp=False)
-    if args.backend == "conda":
-        # The conda prefix brings the system layer (nvcc, compilers, hwloc);
-        # the PyPI layer goes into its python from the same hashed lock.
-        from .build import conda
-
-        conda.build_conda_prefix(t.spec, t.arch.name, t.prefix, channel_url=args.channel, lock_dir=t.lock_dir, progress=print)
-        return 0
+    # One pipeline for both backends: only how the prefix and its Python are
+    # made differs (uv venv, or the conda prefix of lock/<arch>/conda-lock.yml).
     opts = pipeline.Options(python=args.python, kt_source=args.kt_source, target_isa=args.target_isa, wait=not args.no_wait,
-                            cuda_home=args.cuda_home)
+                            cuda_home=args.cuda_home, backend=args.backend, channel=args.channel)
     report = pipeline.build(t, opts, Progress())
     if args.tune:
         # After the build, not inside it: the build stage sits below serve, and a

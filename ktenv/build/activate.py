@@ -9,7 +9,9 @@ What it sets, and why:
 
 - PATH: the env's bin/ first (tvm-ffi and torch's load_inline run `ninja`
   from PATH; launch and smoke run the env's own tools), then the toolkit's bin/.
-- VIRTUAL_ENV (a uv venv) or CONDA_PREFIX (a conda prefix); PYTHONHOME and
+- VIRTUAL_ENV (a uv venv), or for a conda prefix what `conda activate` gives
+  (build/conda_activate.py: CONDA_PREFIX, targets/x86_64-linux include and
+  lib dirs, the compilers' etc/conda/activate.d scripts); PYTHONHOME and
   PYTHONPATH are dropped so the env's python sees only its own packages.
 - CUDA_HOME and CUDA_PATH: the toolkit ktenv chose (torch, tvm-ffi, tilelang
   and deep_gemm all read CUDA_HOME first).
@@ -22,6 +24,8 @@ What it sets, and why:
 - LIBRARY_PATH: the toolkit's lib dir (JIT links -lcudart).
 - CC, CXX, NVCC_CCBIN: a host compiler this nvcc accepts (torch passes CC to
   nvcc as -ccbin; nvcc reads NVCC_CCBIN itself).
+- KT_KERNEL_CPU_VARIANT: the variant `build.py tune` measured fastest, when the
+  env was tuned on this CPU and the caller has not set one.
 
 `toolchain` is a toolchain.Choice, a Toolkit, or the record the env stamp
 keeps (`ktenv-stamp.json` "toolchain"); with None the CUDA variables of
@@ -103,7 +107,14 @@ def changes(prefix: str | Path | None, toolchain: Any = None, base: Mapping[str,
         if k == "uv":
             out["VIRTUAL_ENV"] = str(p)
         elif k == "conda":
-            out["CONDA_PREFIX"] = str(p)
+            # What `conda activate` gives (CONDA_PREFIX, the CUDA layout under
+            # targets/x86_64-linux, the compilers' activate.d scripts); the
+            # toolchain below is laid over it.
+            from .conda_activate import activation as conda_activation
+
+            layer = conda_activation(p, env)
+            out.update(layer)
+            env.update(layer)
     f = _fields(toolchain)
     home = f.get("cuda_home")
     if home:
@@ -124,7 +135,22 @@ def changes(prefix: str | Path | None, toolchain: Any = None, base: Mapping[str,
             out["CXX"] = out["NVCC_CCBIN"] = f["cxx"]
             out["CC"] = f.get("cc") or f["cxx"]
     out["PATH"] = _paths(*bins, env.get("PATH"))
+    tuned = _tuned_variant(prefix) if prefix and "KT_KERNEL_CPU_VARIANT" not in env else None
+    if tuned:
+        out["KT_KERNEL_CPU_VARIANT"] = tuned
     return out
+
+
+def _tuned_variant(prefix: str | Path) -> str | None:
+    """The kt-kernel variant `build.py tune` measured fastest for this env, when it was measured on
+    this CPU (the stamp's "kt_tune"); a variable the user set always wins (the caller checks)."""
+    try:
+        tuned = json.loads((Path(prefix) / STAMP).read_text()).get("kt_tune") or {}
+    except (OSError, ValueError):
+        return None
+    from ..host.cpu import cpu_info
+
+    return tuned.get("variant") if tuned.get("cpu_model") == cpu_info().model else None
 
 
 def activation(prefix: str | Path | None, toolchain: Any = None, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 
 from .. import probe as proberun
+from ..build import activate, toolchain
 from ..lock.model import Entry, Lock
 from ..spec import Arch, Spec
 from ..target import Target
@@ -77,8 +78,13 @@ class Context:
 
 
 def child_env(target: Target, base: dict | None = None) -> dict:
-    """os.environ plus the stack's and arch's [env] (what a launch sets), made safe for probing."""
-    extra = {k: v for k, v in target.inputs.env.items() if k not in (base if base is not None else os.environ)}
+    """The env activated as launch runs it (build/activate.py: its bin/ first, the CUDA toolkit it
+    recorded, a conda prefix's activation) plus the stack's and arch's [env], made safe for probing."""
+    base = dict(os.environ if base is None else base)
+    if target.built:
+        tc = toolchain.for_env(target.spec.root, target.arch.name, target.prefix, base)
+        base = activate.activation(target.prefix, tc, base)
+    extra = {k: v for k, v in target.inputs.env.items() if k not in base}
     return proberun.child_env(base, extra)
 
 
