@@ -108,17 +108,20 @@ def repair_locked(target: Target, report: dict, progress, patches_dir: Path) -> 
     if check.returncode != 0:
         raise RepairError(f"After the repair `uv pip check` is not clean:\n{(check.stdout + check.stderr).strip()[-1500:]}\n"
                           f"Rebuild the env: {target.build_hint()}.")
-    after = verify.check(prefix, content_of=set(damaged))
-    still = [d for d in after["damaged"] if d["name"] in damaged]
-    if still:
-        raise RepairError("The repair did not restore " + "; ".join(f"{d['name']} ({d['files'][0]['path']}: {d['files'][0]['problem']})" for d in still)
-                          + f". Rebuild the env: {target.build_hint()}.")
     entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "distributions": sorted(damaged),
              "files": sum(d["count"] for d in damaged.values()),
              "uv_cache_refetched": [c["distribution"] for c in cache_report if c["corrupted"]],
              "payload_cache_reextracted": bool(payload_cache and payload_cache["corrupted"])}
     stamp["repairs"] = (stamp.get("repairs") or [])[-9:] + [entry]
     write_replacing(prefix / STAMP, (json.dumps(stamp, indent=1, sort_keys=True) + "\n").encode())
+    # The reinstalled distributions have new RECORDs (uv's, then the patches'): index them, then
+    # verify against the index, hashing every file of what was repaired.
+    verify.write_index(prefix)
+    after = verify.check(prefix, content_of=set(damaged))
+    still = [d for d in after["damaged"] if d["name"] in damaged]
+    if still:
+        raise RepairError("The repair did not restore " + "; ".join(f"{d['name']} ({d['files'][0]['path']}: {d['files'][0]['problem']})" for d in still)
+                          + f". Rebuild the env: {target.build_hint()}.")
     return {"status": "repaired", "prefix": str(prefix), "arch": stamp.get("arch"), "repaired": sorted(damaged),
             "unlinked": broken, "uv_cache": cache_report, "payload_cache": payload_cache,
             "patches": patch_report["changes"], "payload": payload_report is not None, "check": report, "after": after,
@@ -246,6 +249,12 @@ def render(r: dict) -> str:
             lines.append(f"  uv cache entry for {c['distribution']} was corrupted ({c['corrupted_files'][0]}"
                          + (", the same inode as the env's damaged file: it was written in place" if c["shared_inode_with_env"] else "")
                          + "); cleaned with `uv cache clean` and fetched again")
+    if any(c["corrupted"] for c in r["uv_cache"]):
+        lines.append("  other envs linked to the corrupted cache file before now hold the same damage: "
+                     "`build.py env --arch ARCH --check` on each finds it")
+    checked = [c["distribution"] for c in r["uv_cache"] if not c["corrupted"] and c["archives"]]
+    if checked:
+        lines.append(f"  uv cache copies of the damaged files checked, intact: {', '.join(checked)}")
     if r["payload_cache"] and r["payload_cache"]["corrupted"]:
         lines.append(f"  ktenv's payload cache entry was corrupted ({r['payload_cache']['corrupted_files'][0]}); extracted again")
     if r["patches"]:

@@ -329,6 +329,9 @@ def render(r: dict, hint: str = "") -> str:
         return "\n".join(lines)
     lines.append(f"DAMAGED: {len(r['damaged'])} distribution(s)")
     for d in r["damaged"]:
+        if d["files"][0]["problem"].startswith("the whole"):
+            lines.append(f"  {d['name']} {d['version']}: the whole distribution is gone ({d['dist_info']} was deleted)")
+            continue
         lines.append(f"  {d['name']} {d['version']}: {d['count']} file(s)")
         for f in d["files"][:EXAMPLES]:
             extra = (f"; written in place through a hard link shared with {f['links'] - 1} other link(s) "
