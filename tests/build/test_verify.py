@@ -270,6 +270,11 @@ def test_renamed_file_is_found_and_repaired(built):
     site = site_packages(built)
     einops = site / "einops/einops.py"
     einops.rename(site / "einops/einops_old.py")
+    from ktenv import spec, target
+    from ktenv.check import smoke, tier_import
+    ctx = smoke.context(target.resolve(spec.load(REPO / "envs"), "sm90", lock_root=REPO / "lock", prefix=built))
+    r = tier_import._import_one(ctx, "einops")  # smoke: the module no longer imports, and says what to run
+    assert r.status == "failed" and f"--prefix {built} --check` names them" in r.remedy and "--repair` reinstalls them" in r.remedy
     p = cli_env(built, "--check", "--json")
     assert p.returncode == 1
     [d] = json.loads(p.stdout)["damaged"]
