@@ -68,14 +68,14 @@ def dist_name(dist_info: str) -> tuple[str, str]:
     return canonicalize_name(name), version
 
 
-def expectations(site: Path) -> tuple[dict[str, list[tuple[str, str, str]]], dict[str, tuple[str, str]], list[str]]:
+def expectations(site: Path) -> tuple[dict[str, list[tuple[str, str, str]]], dict[str, tuple[str, str]]]:
     """Every listed file: path (relative to site-packages) -> [(owner, "algo=digest" as RECORD writes it, size)].
 
-    Also the owners' versions, and the distributions whose RECORD is gone. Most
-    paths have one owner; a few (nvidia/__init__.py) are listed by several.
+    Also each owner's (version, dist-info directory). Most paths have one
+    owner; a few (nvidia/__init__.py) are listed by several.
     """
     expect: dict[str, list[tuple[str, str, str]]] = {}
-    versions, no_record = {}, []  # versions: owner -> (version, dist-info directory name)
+    versions = {}  # owner -> (version, dist-info directory name)
     norm = os.path.normpath
     for di in sorted(os.listdir(site)):
         if not di.endswith(".dist-info"):
@@ -85,8 +85,7 @@ def expectations(site: Path) -> tuple[dict[str, list[tuple[str, str, str]]], dic
         try:
             rows = _rows(site / di / "RECORD")
         except FileNotFoundError:
-            no_record.append(name)
-            continue
+            continue  # check() reports a missing RECORD itself
         for path, digest, size in rows:
             if not digest:
                 continue  # RECORD lists itself without a hash
@@ -101,7 +100,7 @@ def expectations(site: Path) -> tuple[dict[str, list[tuple[str, str, str]]], dic
             rel = norm(os.path.join(base, name))
             size = str(sizes[name]) if name in sizes else ""
             expect.setdefault(rel, []).append((PAYLOAD, "sha256=" + _b64(bytes.fromhex(hexdigest)), size))
-    return expect, versions, no_record
+    return expect, versions
 
 
 def _payload_sizes(manifest) -> dict[str, int]:
@@ -116,7 +115,7 @@ def _payload_sizes(manifest) -> dict[str, int]:
 # --- the index: what the env should hold, kept beside the stamp --------------------------------
 
 INDEX = "ktenv-files.marshal"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 MULTI = -1  # owner id of a path several distributions list (see Index.multi)
 
 
@@ -131,7 +130,6 @@ class Index:
     size: list[int]  # -1: not recorded
     digest: list[str]
     multi: dict[str, list[tuple[int, str, int]]]
-    no_record: list[str]
 
     def expected(self, i: int) -> list[tuple[int, str, int]]:
         """(owner id, digest, size) of every owner that lists file i."""
@@ -144,10 +142,10 @@ def _key(stamp_bytes: bytes) -> str:
 
 
 def build_index(site: Path, key: str) -> Index:
-    expect, versions, no_record = expectations(site)
+    expect, versions = expectations(site)
     owners = sorted(versions)
     ids = {n: i for i, n in enumerate(owners)}
-    idx = Index(key, owners, [versions[n] for n in owners], [], [], [], [], {}, no_record)
+    idx = Index(key, owners, [versions[n] for n in owners], [], [], [], [], {})
     for rel, exp in expect.items():
         idx.rels.append(rel)
         if len(exp) == 1:
@@ -165,7 +163,7 @@ def build_index(site: Path, key: str) -> Index:
 def write_index(prefix: Path) -> Index:
     """(Re)write the index of the env at prefix from its RECORDs and payload manifest, keyed to its stamp."""
     idx = build_index(site_packages(prefix), _key((Path(prefix) / STAMP).read_bytes()))
-    fields = (idx.key, idx.owners, idx.versions, idx.rels, idx.owner, idx.size, idx.digest, idx.multi, idx.no_record)
+    fields = (idx.key, idx.owners, idx.versions, idx.rels, idx.owner, idx.size, idx.digest, idx.multi)
     with contextlib.suppress(OSError):  # a read-only env is checked all the same, from its RECORDs
         write_replacing(Path(prefix) / INDEX, marshal.dumps(fields), 0o644)
     return idx
@@ -285,10 +283,13 @@ def check(prefix: Path, deep: bool = False, workers: int = WORKERS, content_of: 
     names = {o: idx.owners[o] for o in problems}
     versions = {idx.owners[o]: idx.versions[o] for o in problems}
     by_name = {names[o]: items for o, items in problems.items()}
-    for name in idx.no_record:
-        by_name.setdefault(name, []).append({"path": f"{name}: RECORD", "problem": "missing"})
     built = set(stamp.get("dists") or [])
     present = {d for d in os.listdir(site) if d.endswith(".dist-info")}
+    for di in sorted(present):
+        if not os.path.exists(site / di / "RECORD"):  # listed without a hash, so not in the index: looked for here
+            name, version = dist_name(di)
+            versions[name] = (version, di)
+            by_name.setdefault(name, []).append({"path": f"{di}/RECORD", "problem": "missing"})
     for di in sorted(built - present):
         name, version = dist_name(di)
         versions[name] = (version, di)

@@ -130,12 +130,14 @@ def test_hard_links_tell_a_replaced_file_and_an_in_place_write(tmp_path):
 def test_gone_distribution_missing_record_and_extra_distribution(tmp_path):
     prefix = make_env(tmp_path / "env", {"alpha": ALPHA, "beta": BETA, "gamma": GAMMA})
     site = site_packages(prefix)
+    assert verify.check(prefix)["ok"]  # the index is written before the damage
     shutil.rmtree(site / "gamma-1.0.dist-info")
     (site / "beta-1.0.dist-info" / "RECORD").unlink()
     make_dist(site, "delta", "2.0", files={"delta.py": b""})
     r = verify.check(prefix)
-    assert damaged(r)["gamma"] == [("gamma-1.0.dist-info", "the whole distribution is gone")]
-    assert damaged(r)["beta"] == [("beta: RECORD", "missing")]
+    assert damaged(r)["gamma"] == [("gamma-1.0.dist-info", "the whole distribution is gone"),
+                                   ("gamma-1.0.dist-info/METADATA", "missing")]
+    assert damaged(r)["beta"] == [("beta-1.0.dist-info/RECORD", "missing")]
     assert r["extra"] == ["delta-2.0.dist-info"] and not r["ok"]
 
 
@@ -385,3 +387,16 @@ def test_deep_check_of_a_built_env(built):
     assert [d["name"] for d in r["damaged"]] == ["einops"]
     assert cli_env(built, "--repair").returncode == 0
     intact(built, deep=True)
+
+
+@pytest.mark.slow
+def test_a_distribution_without_its_record_is_reinstalled(built):
+    """uv cannot uninstall a distribution whose RECORD is gone; the repair clears its dist-info first."""
+    site = site_packages(built)
+    [record] = site.glob("einops-*.dist-info/RECORD")
+    record.unlink()
+    p = cli_env(built, "--check")
+    assert p.returncode == 1 and f"{record.parent.name}/RECORD: missing" in p.stdout
+    p = cli_env(built)
+    assert p.returncode == 0 and "repaired" in p.stdout and record.is_file(), p.stderr[-3000:]
+    intact(built)
