@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from .sync import run as _run
 
 # Written by the installer, not shipped in the wheel: never compared with a cache entry.
 INSTALLER_FILES = {"INSTALLER", "REQUESTED", "RECORD", "direct_url.json", "uv_cache.json"}
+CLEAN_TIMEOUT = 600
 
 
 class RepairError(KtenvError):
@@ -118,7 +120,7 @@ def repair_locked(target: Target, report: dict, progress, patches_dir: Path) -> 
     # verify against the index, hashing every file of what was repaired.
     verify.write_index(prefix)
     after = verify.check(prefix, content_of=set(damaged))
-    still = [d for d in after["damaged"] if d["name"] in damaged]
+    still = after["damaged"]  # what was repaired, or anything the reinstall disturbed (a file two wheels share)
     if still:
         raise RepairError("The repair did not restore " + "; ".join(f"{d['name']} ({d['files'][0]['path']}: {d['files'][0]['problem']})" for d in still)
                           + f". Rebuild the env: {target.build_hint()}.")
@@ -186,8 +188,15 @@ def _check_uv_cache(uv: str, site: Path, damaged: list[dict], broken: list[dict]
             progress(f"repair: uv's cache entry for {d['name']} is corrupted ({bad[0]} no longer matches the wheel's "
                      f"RECORD{'; it was the same file as the env' + chr(39) + 's, written in place' if shared else ''}); "
                      f"removing it with `uv cache clean {d['name']}` so the wheel is fetched again")
+            # uv waits here while any other uv process holds the cache (its .lock); --force could pull
+            # files from under a running install, so ktenv waits too, up to a limit.
             with beat(progress, f"uv cache clean {d['name']} (waits for other uv processes using the cache)"):
-                proc = _run([uv, "cache", "clean", d["name"]])
+                try:
+                    proc = _run([uv, "cache", "clean", d["name"]], timeout=CLEAN_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    raise RepairError(f"`uv cache clean {d['name']}` waited {CLEAN_TIMEOUT} s for other uv processes to "
+                                      f"release uv's cache ({root}), so the corrupted entry {archives[0]} is still there. "
+                                      "Rerun the repair when they are done (the env's damaged file is already unlinked).") from None
             if proc.returncode != 0:
                 raise RepairError(f"`uv cache clean {d['name']}` failed: {(proc.stderr or proc.stdout).strip()[-600:]}. "
                                   f"The cache entry {archives[0]} is corrupted and would be linked into the env again; "
