@@ -73,6 +73,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target-isa", choices=ISAS, help="build kt-kernel for another machine's CPU")
     p.add_argument("--python", help="the interpreter to build the env with (default: found by uv)")
     p.add_argument("--cuda-home", metavar="PATH", help="the CUDA toolkit the env's JIT kernels use (default: found; see `toolchain`)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true",
+                   help="verify every file of the built env against its RECORD and the payload manifest; exit 1 if damaged")
+    g.add_argument("--repair", action="store_true",
+                   help="reinstall only the damaged distributions (hash-checked from the lock), then verify")
+    p.add_argument("--deep", action="store_true", help="with --check or --repair: hash every file, not only the ones the stat pass doubts")
     p.add_argument("--backend", choices=("uv", "conda"), default="uv")
     p.add_argument("--channel", metavar="URL", help="with --backend conda: the channel the conda lock was made against")
     p.add_argument("--tune", nargs="?", const="mixed", choices=("decode", "prefill", "mixed"), metavar="WORKLOAD",
@@ -230,6 +236,10 @@ def cmd_env(args) -> int:
     from .build import pipeline
     from .progress import Progress
 
+    if args.deep and not (args.check or args.repair):
+        raise KtenvError("--deep goes with --check or --repair (it hashes every file of the env).")
+    if args.check or args.repair:
+        return _env_check(args)
     t = _target(args, follow_stamp=False)
     # One pipeline for both backends: only how the prefix and its Python are
     # made differs (uv venv, or the conda prefix of lock/<arch>/conda-lock.yml).
@@ -247,6 +257,21 @@ def cmd_env(args) -> int:
     _print(report, args.json, lambda r: pipeline.summary(r) + (
         f"\n  kt-kernel tuned: KT_KERNEL_CPU_VARIANT={r['kt_tune']['variant']} ({r['kt_tune']['why']})"
         if r.get("kt_tune") else ""))
+    return 0
+
+
+def _env_check(args) -> int:
+    """`env --check` / `env --repair`: the env as built (its stamp's lock), file by file."""
+    from .build import pipeline, repair, verify
+    from .progress import Progress
+
+    t = _target(args).require_env()
+    if args.check:
+        report = verify.check(t.prefix, deep=args.deep)
+        _print(report, args.json, lambda r: verify.render(r, t.build_hint()))
+        return 0 if report["ok"] else 1
+    report = repair.repair(t, pipeline.PATCHES_DIR, deep=args.deep, wait=not args.no_wait, progress=Progress())
+    _print(report, args.json, repair.render)
     return 0
 
 

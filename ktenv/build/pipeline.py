@@ -50,7 +50,7 @@ from ..errors import KtenvError
 from ..progress import Progress, beat
 from ..target import STAMP, STAMP_FORMAT, Target
 from ..tools import uv_bin
-from . import dists, patches as patches_mod, payload as payload_mod, toolchain
+from . import dists, patches as patches_mod, payload as payload_mod, repair, toolchain, verify
 from .disk import DiskFull, preflight
 from .envdir import BuildLock, check_relocated, check_replaceable, clean_stale, dist_infos, siblings, swap_in, up_to_date
 from .ktkernel import install as ktinstall
@@ -110,7 +110,14 @@ def build(target: Target, opts: Options | None = None, progress=None) -> dict:
         fresh, why = up_to_date(prefix, want)
         if fresh:
             stamp = json.loads((prefix / STAMP).read_text())
-            return {"status": "up-to-date", "prefix": str(prefix), "cleaned": cleaned, "seconds": round(time.monotonic() - t0, 3), "stamp": stamp}
+            # Up to date by its stamp; the files themselves get the stat pass (build/verify.py).
+            check = verify.check(prefix)
+            if check["damaged"]:
+                progress(f"{prefix} matches its lock but {len(check['damaged'])} distribution(s) are damaged; repairing "
+                         "them (`env --check` only looks)")
+                return repair.repair_locked(target, check, progress, opts.patches_dir)
+            return {"status": "up-to-date", "prefix": str(prefix), "cleaned": cleaned, "seconds": round(time.monotonic() - t0, 3), "stamp": stamp,
+                    "check": {k: check[k] for k in ("files", "hashed", "seconds")}}
         progress(f"building {prefix} from {lock.directory} ({why})")
         check_replaceable(prefix)
         if opts.kt_source:
@@ -223,6 +230,7 @@ def _build_into(tmp, prefix, target, opts, want, maker, uv, patch_list, progress
     )
     stamp = _relocate(stamp, tmp, prefix)
     (tmp / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
+    verify.write_index(tmp)  # what `env --check` and the no-op compare the files with
 
     with _step(times, "swap"):
         how = swap_in(tmp, prefix)
@@ -265,10 +273,13 @@ def _relocate(obj, tmp: Path, prefix: Path):
 
 def summary(r: dict) -> str:
     """The human report of a build (the --json output is the dict itself)."""
+    if r["status"] == "repaired":
+        return repair.render(r)
     if r["status"] == "up-to-date":
         s = r["stamp"]
         return (f"env {s['arch']}: {r['prefix']} is up to date (stack {s['stack']}, Python {s['python']}, "
-                f"kt-kernel {s.get('kt_kernel', {}).get('variant', '?')}); nothing to do ({r['seconds'] * 1000:.0f} ms).")
+                f"kt-kernel {s.get('kt_kernel', {}).get('variant', '?')}; {r['check']['files']} files stat-checked); "
+                f"nothing to do ({r['seconds'] * 1000:.0f} ms).")
     kt, pay, pat = r["kt_kernel"], r["payload"], r["patches"]
     meta = [c for c in pat["changes"] if c["file"].endswith("METADATA")]
     src = [c for c in pat["changes"] if not c["file"].endswith("METADATA")]

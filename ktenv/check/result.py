@@ -74,7 +74,19 @@ class Context:
         return [{"name": e.name, "version": e.version, "marker": e.marker} for e in self.lock.entries()]
 
     def remedy_rebuild(self) -> str:
-        return f"Rebuild the env: {self.target.build_hint()}"
+        """For an env that is not what its lock says (other versions, packages added or gone): a repair cannot fix that."""
+        return f"Rebuild the env from its lock: {self.target.build_hint()}"
+
+    def remedy_repair(self) -> str:
+        """For files of the env deleted or changed: reinstall just those distributions."""
+        return (f"Reinstall the damaged distributions: {self.target.build_hint()} --repair (only those, hash-checked "
+                "from the lock; `--check` lists the damaged files first)")
+
+    def remedy_files(self) -> str:
+        """For a failure that a damaged file may cause, or the lock itself."""
+        hint = self.target.build_hint()
+        return (f"If files of the env were deleted or changed, `{hint} --check` names them and `{hint} --repair` "
+                "reinstalls them; if it finds none, the env is as its lock made it and the fault is in the lock")
 
 
 def child_env(target: Target, base: dict | None = None) -> dict:
