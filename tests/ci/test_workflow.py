@@ -203,7 +203,7 @@ def summary(job: dict, arch: str = "sm90") -> list[tuple]:
 def test_cpu_job_runs_lock_check_env_smoke_audit(wf):
     assert summary(wf["jobs"]["cpu"]) == [
         ("lock", True, ()),
-        ("env", None, ()),
+        ("env", False, ()),
         ("smoke", None, ("import", "kernel", "launch-cpu")),
         ("audit", None, ()),
     ]
@@ -213,7 +213,7 @@ def test_cpu_job_runs_lock_check_env_smoke_audit(wf):
 def test_conda_job_locks_against_conda_forge_and_installs_with_micromamba(wf):
     job = wf["jobs"]["conda"]
     assert job["runs-on"] == "ubuntu-latest" and job["strategy"]["matrix"] == {"arch": "${{ fromJSON(needs.archs.outputs.archs) }}"}
-    assert summary(job) == [("lock", False, ()), ("lock", True, ()), ("env", None, ()),
+    assert summary(job) == [("lock", False, ()), ("lock", True, ()), ("env", False, ()),
                             ("smoke", None, ("import", "kernel", "launch-cpu"))]
     lock, _, env, smoke = [parse(line, "sm90") for line in build_commands(job)]
     assert lock.conda and lock.channel is None  # envs/conda.toml's channel: conda-forge
@@ -227,7 +227,7 @@ def test_conda_job_locks_against_conda_forge_and_installs_with_micromamba(wf):
 
 def test_gpu_job_runs_the_launch_gpu_tier(wf):
     assert ("smoke", None, ("launch-gpu",)) in summary(wf["jobs"]["gpu"])
-    assert ("env", None, ()) in summary(wf["jobs"]["gpu"])
+    assert ("env", False, ()) in summary(wf["jobs"]["gpu"])
     assert wf["jobs"]["gpu"]["env"]["ARCH"] == "${{ matrix.arch }}"
 
 
