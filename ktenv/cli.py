@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import KtenvError
 
 ISAS = ("amx", "avx512_bf16", "avx512_vbmi", "avx512_vnni", "avx512_base", "avx2")
-TIERS = ("import", "kernel", "toolchain", "launch-cpu", "launch-gpu")
+TIERS = ("import", "kernel", "toolchain", "launch-cpu", "server-args", "launch-gpu")
 
 
 def _arch_args(p: argparse.ArgumentParser, allow_all: bool = False) -> None:
@@ -91,6 +91,7 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     _env_args(p)
     p.add_argument("--tier", action="append", choices=TIERS, help="run only these tiers (repeatable)")
+    p.add_argument("--model", metavar="PATH", help="server-args also loads this checkpoint's config.json as sglang would")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_smoke)
 
@@ -278,7 +279,7 @@ def _env_check(args) -> int:
 def cmd_smoke(args) -> int:
     from .check import smoke
 
-    ctx = smoke.context(_target(args), compile_jit="toolchain" in (args.tier or []))
+    ctx = smoke.context(_target(args), compile_jit="toolchain" in (args.tier or []), model=args.model)
     report = smoke.smoke(ctx, args.tier or smoke.TIERS)
     _print(report, args.json, smoke.render)
     return 0 if report["ok"] else 1

@@ -46,6 +46,7 @@ class Context:
     extra_args: list[str] = field(default_factory=list)  # extra server flags (launch tiers)
     work: Path | None = None  # where launch-gpu keeps its model and log
     cpu_flags_given: bool = False  # cpu_flags describe another CPU (judging an env for another machine)
+    model: str | None = None  # the user's checkpoint (smoke --model): server-args loads its config
     compile_jit: bool = False  # the toolchain tier compiles the first-start kernels (asked for with --tier toolchain)
 
     @property
@@ -60,9 +61,15 @@ class Context:
     def prefix(self) -> Path:
         return self.target.prefix
 
+    python_override: Path | None = None  # tests run a stand-in interpreter
+
     @property
     def python(self) -> Path:
-        return self.target.python
+        return self.python_override or self.target.python
+
+    @python.setter
+    def python(self, value: Path) -> None:
+        self.python_override = Path(value)
 
     @property
     def lock(self) -> Lock:

@@ -204,7 +204,7 @@ def test_cpu_job_runs_lock_check_env_smoke_audit(wf):
     assert summary(wf["jobs"]["cpu"]) == [
         ("lock", True, ()),
         ("env", False, ()),
-        ("smoke", None, ("import", "kernel", "launch-cpu")),
+        ("smoke", None, ("import", "kernel", "launch-cpu", "server-args")),
         ("audit", None, ()),
     ]
     assert wf["jobs"]["cpu"]["env"]["ARCH"] == "${{ matrix.arch }}"
