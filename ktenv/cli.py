@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import KtenvError
 
 ISAS = ("amx", "avx512_bf16", "avx512_vbmi", "avx512_vnni", "avx512_base", "avx2")
-TIERS = ("import", "kernel", "launch-cpu", "launch-gpu")
+TIERS = ("import", "kernel", "toolchain", "launch-cpu", "server-args", "launch-gpu")
 
 
 def _arch_args(p: argparse.ArgumentParser, allow_all: bool = False) -> None:
@@ -52,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the lock here instead of lock/<arch>[/stack-<v>]")
     p.add_argument("--conda", action="store_true", help="also solve envs/conda.toml into lock/<arch>/conda-lock.yml")
     p.add_argument("--channel", metavar="URL", help="conda channel to solve against (default: envs/conda.toml's)")
+    p.add_argument("--exclude-newer", metavar="none|DATE",
+                   help="with --conda: the solve's cut-off (default: the stack's exclude_newer; `none` for a mirror "
+                        "whose index stamps packages with its own indexing time)")
+    p.add_argument("--python", metavar="X.Y", help="with --conda: the conda lock's Python (default: the stack's first)")
     p.set_defaults(handler=cmd_lock)
 
     p = sub.add_parser("explain", help="the rules in effect and where the lock departs from upstream")
@@ -68,8 +72,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kt-source", metavar="PATH", help="build kt-kernel from this ktransformers checkout")
     p.add_argument("--target-isa", choices=ISAS, help="build kt-kernel for another machine's CPU")
     p.add_argument("--python", help="the interpreter to build the env with (default: found by uv)")
+    p.add_argument("--cuda-home", metavar="PATH", help="the CUDA toolkit the env's JIT kernels use (default: found; see `toolchain`)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true",
+                   help="verify every file of the built env against its RECORD and the payload manifest; exit 1 if damaged")
+    g.add_argument("--repair", action="store_true",
+                   help="reinstall only the damaged distributions (hash-checked from the lock), then verify")
+    p.add_argument("--deep", action="store_true", help="with --check or --repair: hash every file, not only the ones the stat pass doubts")
     p.add_argument("--backend", choices=("uv", "conda"), default="uv")
     p.add_argument("--channel", metavar="URL", help="with --backend conda: the channel the conda lock was made against")
+    p.add_argument("--tune", nargs="?", const="mixed", choices=("decode", "prefill", "mixed"), metavar="WORKLOAD",
+                   help="then measure the fastest kt-kernel variant here (build.py tune; default workload: mixed)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_env)
 
@@ -78,8 +91,21 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     _env_args(p)
     p.add_argument("--tier", action="append", choices=TIERS, help="run only these tiers (repeatable)")
+    p.add_argument("--model", metavar="PATH", help="server-args also loads this checkpoint's config.json as sglang would")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_smoke)
+
+    p = sub.add_parser("toolchain", help="the CUDA toolkit the env's JIT kernels use: found, checked, or provisioned")
+    _arch_args(p)
+    _common(p)
+    _env_args(p)
+    p.add_argument("--cuda-home", metavar="PATH", help="use this toolkit, or say why it cannot be used")
+    p.add_argument("--provision", action="store_true", help="fetch a pinned toolkit (envs/toolchain.toml) when none is usable")
+    p.add_argument("--source", metavar="NAME", help="provision this pinned source (envs/toolchain.toml [[source]] name) even if another toolkit is usable")
+    p.add_argument("--from-dir", metavar="DIR", help="with --provision/--source: take the pinned archives from DIR instead of downloading")
+    p.add_argument("--print-env", action="store_true", help="print `export` lines that activate the env with the toolkit")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_toolchain)
 
     p = sub.add_parser("audit", help="CUDA arch coverage of the binaries the env's loaders will load")
     _arch_args(p)
@@ -94,6 +120,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--record", metavar="DIR", help="save this host's raw facts (nvidia-smi, NVML, /proc, /sys) to DIR")
     p.add_argument("--host-facts", metavar="DIR", help="answer for a host recorded with --record instead of this one")
     p.set_defaults(handler=cmd_doctor)
+
+    p = sub.add_parser("tune", help="measure which kt-kernel variant (and method) is fastest on this CPU")
+    _arch_args(p)
+    _common(p)
+    _env_args(p)
+    p.add_argument("--threads", type=int, help="MoE threads (default: what launch gives one thread pool here)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default: envs/tune.toml)")
+    p.add_argument("--workload", choices=("decode", "prefill", "mixed"), default="mixed",
+                   help="the phase that matters most to you; decides ties (default: mixed)")
+    p.add_argument("--variant", choices=ISAS, help="force this variant instead of measuring (refused if this CPU cannot run it)")
+    p.add_argument("--remeasure", action="store_true", help="measure again instead of using the cached measurement")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_tune)
 
     p = sub.add_parser("launch", help="the per-arch, per-host server command")
     _arch_args(p)
@@ -163,6 +202,8 @@ def cmd_lock(args) -> int:
     if args.out and len(archs) > 1:
         raise KtenvError("--out names one directory; use it with --arch, not --all.")
     targets = {a: Path(args.out) if args.out else make.lock_dir(Path(args.lock_dir), spec, a, args.stack) for a in archs}
+    if (args.exclude_newer or args.python) and not args.conda:
+        raise KtenvError("--exclude-newer and --python choose the conda lock's cut-off and Python; use them with --conda.")
     if args.check:
         extra = []
         if any((d / "conda-lock.yml").exists() for d in targets.values()):
@@ -177,8 +218,10 @@ def cmd_lock(args) -> int:
     if args.conda:
         from .lock import conda
 
+        cutoff = conda.parse_exclude_newer(args.exclude_newer)
         for a in archs:
-            conda.lock(spec, a, out_dir=targets[a], channel_url=args.channel, stack_version=args.stack)
+            conda.lock(spec, a, out_dir=targets[a], channel_url=args.channel, stack_version=args.stack,
+                       python=args.python, exclude_newer=cutoff, offline=args.offline)
     return 0
 
 
@@ -194,25 +237,58 @@ def cmd_env(args) -> int:
     from .build import pipeline
     from .progress import Progress
 
+    if args.deep and not (args.check or args.repair):
+        raise KtenvError("--deep goes with --check or --repair (it hashes every file of the env).")
+    if args.check or args.repair:
+        return _env_check(args)
     t = _target(args, follow_stamp=False)
-    if args.backend == "conda":
-        # The conda prefix brings the system layer (nvcc, compilers, hwloc);
-        # the PyPI layer goes into its python from the same hashed lock.
-        from .build import conda
+    # One pipeline for both backends: only how the prefix and its Python are
+    # made differs (uv venv, or the conda prefix of lock/<arch>/conda-lock.yml).
+    opts = pipeline.Options(python=args.python, kt_source=args.kt_source, target_isa=args.target_isa, wait=not args.no_wait,
+                            cuda_home=args.cuda_home, backend=args.backend, channel=args.channel)
+    report = pipeline.build(t, opts, Progress())
+    if args.tune:
+        # After the build, not inside it: the build stage sits below serve, and a
+        # measurement is cached across rebuilds of the same kt-kernel anyway.
+        from .serve import tune
 
-        conda.build_conda_prefix(t.spec, t.arch.name, t.prefix, channel_url=args.channel, lock_dir=t.lock_dir, progress=print)
-        return 0
-    opts = pipeline.Options(python=args.python, kt_source=args.kt_source, target_isa=args.target_isa, wait=not args.no_wait)
-    _print(pipeline.build(t, opts, Progress()), args.json, pipeline.summary)
+        result = tune.tune(t, workload=args.tune, progress=Progress())
+        tune.record(result, t.prefix)
+        report["kt_tune"] = tune.stamp_entry(result)
+    _print(report, args.json, lambda r: pipeline.summary(r) + (
+        f"\n  kt-kernel tuned: KT_KERNEL_CPU_VARIANT={r['kt_tune']['variant']} ({r['kt_tune']['why']})"
+        if r.get("kt_tune") else ""))
+    return 0
+
+
+def _env_check(args) -> int:
+    """`env --check` / `env --repair`: the env as built (its stamp's lock), file by file."""
+    from .build import pipeline, repair, verify
+    from .progress import Progress
+
+    t = _target(args).require_env()
+    if args.check:
+        report = verify.check(t.prefix, deep=args.deep)
+        _print(report, args.json, lambda r: verify.render(r, t.build_hint()))
+        return 0 if report["ok"] else 1
+    report = repair.repair(t, pipeline.PATCHES_DIR, deep=args.deep, wait=not args.no_wait, progress=Progress())
+    _print(report, args.json, repair.render)
     return 0
 
 
 def cmd_smoke(args) -> int:
     from .check import smoke
 
-    report = smoke.smoke(smoke.context(_target(args)), args.tier or smoke.TIERS)
+    ctx = smoke.context(_target(args), compile_jit="toolchain" in (args.tier or []), model=args.model)
+    report = smoke.smoke(ctx, args.tier or smoke.TIERS)
     _print(report, args.json, smoke.render)
     return 0 if report["ok"] else 1
+
+
+def cmd_toolchain(args) -> int:
+    from .build import toolchain_cli
+
+    return toolchain_cli.run(_target(args), args)
 
 
 def cmd_audit(args) -> int:
@@ -236,6 +312,21 @@ def cmd_doctor(args) -> int:
     _print(report, args.json, lambda r: doctor.render(r).rstrip("\n"))
     # Non-zero when something would stop a server, so scripts can gate on it.
     return 0 if report["ok"] else 1
+
+
+def cmd_tune(args) -> int:
+    from .progress import Progress
+    from .serve import tune
+
+    t = _target(args).require_env()
+    result = tune.tune(t, workload=args.workload, threads=args.threads, rounds=args.rounds, variant=args.variant,
+                       use_cache=not args.remeasure, progress=Progress())
+    if result["choice"]["variant"]:
+        result["recorded_in"] = str(tune.record(result, t.prefix))  # where launch and activation read it
+    _print(result, args.json, lambda r: tune.render(r) + (
+        f"recorded in {r['recorded_in']}: launch exports KT_KERNEL_CPU_VARIANT={r['choice']['variant']}"
+        if r.get("recorded_in") else "no choice recorded"))
+    return 0 if result["choice"]["variant"] else 1
 
 
 def _recorded(args):

@@ -30,4 +30,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+# A real CUDA 12 toolkit for the JIT tests and sm89/sm90 envs: PyPI has no CUDA 12
+# nvcc, so ktenv fetches Debian 13's CUDA 12.4 (sha256-pinned in envs/toolchain.toml,
+# ~1 GB download, ~210 MB kept in ~/.cache/ktenv/cuda; a no-op once there).
+.venv/bin/python build.py toolchain --arch sm90 --source debian-trixie-12.4 >/dev/null
 echo "bootstrap: ready (.venv/bin/python build.py --help)"

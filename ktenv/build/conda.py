@@ -1,5 +1,19 @@
-"""The conda backend: build a prefix from lock/<arch>/conda-lock.yml, then put
-the arch's PyPI lock on top with uv."""
+"""The conda backend's own steps: the prefix and its Python from lock/<arch>/conda-lock.yml.
+
+Only "make the prefix with its Python" differs between the backends; the
+rest of a build (PyPI layer, kt-kernel, patches, payload, checks, stamp,
+swap) is build/pipeline.py's, the same for both. What is conda-specific:
+
+- every package is downloaded (or copied, for file:// channels) and checked
+  against the lock's md5 and sha256 before anything is installed;
+- py-rattler links them into the hidden build directory, but writes the
+  FINAL prefix into every file that carries conda's prefix placeholder
+  (`alternative_target_prefix`): conda prefixes are not relocatable, and the
+  build is swapped into place with a rename;
+- after the PyPI layer: no PyPI distribution may overwrite or remove a file a
+  conda package installed (refused by name), and the console scripts uv wrote
+  with the build directory in their shebang are pointed at the final prefix.
+"""
 
 from __future__ import annotations
 
@@ -15,43 +29,10 @@ from pathlib import Path
 from packaging.version import Version
 
 from ..errors import KtenvError
-from ..lock.conda import (
-    LOCK_FILE,
-    STAMP,
-    VIRTUAL_FILE,
-    _write,
-    _yaml,
-    channel_to_url,
-    check,
-)
+from ..lock.conda import VIRTUAL_FILE, _yaml, channel_to_url
 from ..lock.rattler import RattlerFailure
 from ..lock.rattler import call as _rattler
-from ..tools import uv_bin
-
-
-def _fetch(url: str, dest: Path, md5: str, sha256: str) -> Path:
-    """Download (or copy, for file://) one package and check both lock hashes.
-
-    rattler checks sha256 on http(s) downloads but not on file:// channels,
-    so ktenv checks every archive itself before handing it over."""
-    if not (dest.is_file() and _digest(dest, "sha256") == sha256):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        try:
-            with urllib.request.urlopen(url) as resp, tmp.open("wb") as f:
-                shutil.copyfileobj(resp, f)
-        except OSError as e:
-            raise KtenvError(f"Could not download {url}: {e}. Is the channel reachable from this machine?") from None
-        got_sha, got_md5 = _digest(tmp, "sha256"), _digest(tmp, "md5")
-        if got_sha != sha256 or got_md5 != md5:
-            tmp.unlink()
-            raise KtenvError(
-                f"{url} does not match the lock: sha256 {got_sha} (lock: {sha256}), md5 {got_md5} (lock: {md5}). "
-                "The channel now serves a different file under the same name, so installing it would not be "
-                "the environment that was locked. Nothing was installed. If the change is expected, relock."
-            )
-        tmp.replace(dest)
-    return dest
+from . import dists
 
 
 def _digest(path: Path, algo: str) -> str:
@@ -62,12 +43,42 @@ def _digest(path: Path, algo: str) -> str:
     return h.hexdigest()
 
 
-def _host_check(doc: dict, lock_path: Path) -> None:
+def _fetch(url: str, dest: Path, md5: str, sha256: str) -> Path:
+    """Download (or copy, for file://) one package and check both lock hashes.
+
+    rattler checks sha256 on http(s) downloads but not on file:// channels,
+    so ktenv checks every archive itself before handing it over."""
+    if dest.is_file() and _digest(dest, "sha256") == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + f".part-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=120) as resp, tmp.open("wb") as f:
+            shutil.copyfileobj(resp, f)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise KtenvError(
+            f"Could not download {url}: {e}. The channel is unreachable from this machine (network, proxy or "
+            "mirror down); nothing was installed. Fix the connection, or lock against a mirror you can reach "
+            "(`build.py lock --conda --channel URL`) and build with the same --channel.") from None
+    got_sha, got_md5 = _digest(tmp, "sha256"), _digest(tmp, "md5")
+    if got_sha != sha256 or got_md5 != md5:
+        tmp.unlink()
+        raise KtenvError(
+            f"{url} does not match the lock: sha256 {got_sha} (lock: {sha256}), md5 {got_md5} (lock: {md5}). "
+            "The channel now serves a different file under the same name, so installing it would not be "
+            "the environment that was locked. Nothing was installed. If the change is expected, relock."
+        )
+    tmp.replace(dest)
+    return dest
+
+
+def host_check(lock_dir: Path) -> None:
     """Refuse a host whose glibc or CUDA driver is older than the lock assumes."""
-    vp = _yaml().safe_load((lock_path.parent / VIRTUAL_FILE).read_text()) if (lock_path.parent / VIRTUAL_FILE).is_file() else None
-    assumed = {}
-    if vp:
-        for sub in vp.get("subdirs", {}).values():
+    vfile = lock_dir / VIRTUAL_FILE
+    assumed: dict = {}
+    if vfile.is_file():
+        for sub in (_yaml().safe_load(vfile.read_text()) or {}).get("subdirs", {}).values():
             assumed.update(sub.get("packages", {}))
     host = _rattler("detect", {})["virtual"]
     for name, what, harm, fix in (
@@ -78,126 +89,133 @@ def _host_check(doc: dict, lock_path: Path) -> None:
     ):
         if name in assumed and name in host and Version(host[name]) < Version(str(assumed[name]).split()[0]):
             raise KtenvError(
-                f"This host's {what} supports {host[name]}, but the conda lock {lock_path} was solved for "
+                f"This host's {what} supports {host[name]}, but the conda lock in {lock_dir} was solved for "
                 f"{name} {assumed[name]}: {harm}. {fix}, or build the environment on a host that has it."
             )
 
 
-def _clear_prefix(prefix: Path) -> None:
-    if not prefix.exists():
-        return
-    if (prefix / STAMP).is_file():
-        shutil.rmtree(prefix)
-    elif prefix.is_dir() and not any(prefix.iterdir()):
-        return
-    else:
-        raise KtenvError(
-            f"{prefix} exists and was not made by ktenv's conda backend (no {STAMP} in it). ktenv replaces "
-            "the prefixes it builds, so it will not delete this one. Choose another --prefix or remove it yourself."
-        )
+def conda_packages(doc: dict) -> list[dict]:
+    return [p for p in doc["package"] if p.get("manager", "conda") == "conda"]
 
 
-def build_conda_prefix(spec, arch: str, prefix: Path | str, channel_url: str | None = None, progress=print,
-                       *, lock_dir: Path | str | None = None, requirements: Path | str | None = None,
-                       cache_dir: Path | str | None = None, index_url: str | None = None,
-                       pypi_layer=None) -> Path:
-    """Build the conda prefix of lock/<arch>/conda-lock.yml at `prefix`, then
-    install the arch's PyPI lock into its python with `uv pip sync`.
-
-    `channel_url` is the channel the lock was made against when it is not the
-    one in envs/conda.toml (a mirror); packages always come from the URLs in
-    the lock, checked against its md5 and sha256. `pypi_layer(python, prefix)`,
-    if given, installs the PyPI layer instead of the plain `uv pip sync` (so a
-    caller can add its own steps: patches, payload, kt-kernel). Returns the prefix."""
-    lock_dir = Path(lock_dir) if lock_dir else Path(spec.root).parent / "lock" / arch
-    lock_path = lock_dir / LOCK_FILE
-    requirements = Path(requirements) if requirements else lock_dir / "requirements.txt"
-    doc = check(spec, arch, lock_dir, channel_url)
-    names = {p["name"] for p in doc["package"]}
-    if "python" not in names:
-        raise KtenvError(f"{lock_path} has no python package; the PyPI layer has nothing to install into. Relock.")
-    if not requirements.is_file():
-        raise KtenvError(f"{requirements}: no PyPI lock for {arch}. Write it first: python build.py lock --arch {arch}")
-    _host_check(doc, lock_path)
-
-    prefix = Path(prefix).resolve()
-    cache = Path(cache_dir) if cache_dir else Path(os.environ.get("KTENV_CONDA_CACHE", Path.home() / ".cache" / "ktenv" / "conda"))
-    downloads = cache / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    meta = doc["metadata"]
-    channels = [channel_to_url(c["url"]) for c in meta.get("channels", [])]
-
-    progress(f"conda: fetching {len(doc['package'])} packages (checked against the lock's md5 and sha256)")
+def fetch_all(doc: dict, cache: Path, progress) -> list[dict]:
+    pkgs = conda_packages(doc)
+    channels = [channel_to_url(c["url"]) for c in doc["metadata"].get("channels", [])]
+    progress(f"conda: fetching {len(pkgs)} packages (checked against the lock's md5 and sha256)")
     fetched = []
-    for p in doc["package"]:
+    for p in pkgs:
         name = urllib.parse.urlsplit(p["url"]).path.rsplit("/", 1)[-1]
         # One folder per sha256: the same file name may come from two channels.
-        path = _fetch(p["url"], downloads / p["hash"]["sha256"][:16] / name, p["hash"]["md5"], p["hash"]["sha256"])
+        path = _fetch(p["url"], cache / "downloads" / p["hash"]["sha256"][:16] / name, p["hash"]["md5"], p["hash"]["sha256"])
         channel = next((c for c in channels if p["url"].startswith(c + "/")), p["url"].rsplit("/", 2)[0])
         fetched.append({"path": str(path), "channel": channel, "url": p["url"]})
+    return fetched
 
-    _clear_prefix(prefix)
-    prefix.mkdir(parents=True, exist_ok=True)
-    # Written first: a prefix that has it but says "building" was interrupted
-    # and is rebuilt from scratch next time.
-    _write(prefix / STAMP, json.dumps({"state": "building", "arch": arch}) + "\n")
-    progress(f"conda: installing into {prefix}")
+
+def install(fetched: list[dict], where: Path, final: Path, cache: Path, subdir: str, progress) -> None:
+    """Link the fetched packages into `where`, with `final` written wherever a package carries the prefix."""
+    progress(f"conda: linking {len(fetched)} packages (prefix {final})")
     try:
-        _rattler("install", {"packages": fetched, "prefix": str(prefix), "cache": str(cache / "pkgs"), "subdir": meta["platforms"][0]})
+        _rattler("install", {"packages": fetched, "prefix": str(where), "final_prefix": str(final),
+                             "cache": str(cache / "pkgs"), "subdir": subdir})
     except RattlerFailure as e:
-        raise KtenvError(f"Installing the conda packages into {prefix} failed: {e.message}") from None
-    _restore_urls(prefix, fetched)
-
-    python = prefix / "bin" / "python"
-    _check_python(python, prefix, doc)
-    if pypi_layer is not None:
-        progress("conda: installing the PyPI layer")
-        pypi_layer(python, prefix)
-    else:
-        progress(f"conda: installing the PyPI layer ({requirements}) with uv")
-        _uv_sync(python, prefix, requirements, index_url or spec.stack.index_url)
-    _write(prefix / STAMP, json.dumps({
-        "state": "complete", "arch": arch, "conda_lock": meta.get("content_hash"),
-        "requirements_sha256": _digest(requirements, "sha256"),
-    }, indent=2) + "\n")
-    progress(f"conda: {arch} environment ready at {prefix}")
-    return prefix
-
-
-def _uv_sync(python: Path, prefix: Path, requirements: Path, index_url: str | None) -> None:
-    cmd = [uv_bin(), "pip", "sync", "--python", str(python), "--require-hashes", str(requirements)]
-    if index_url:
-        cmd[3:3] = ["--index-url", index_url]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise KtenvError(
-            f"uv could not install the PyPI layer {requirements} into {prefix} (exit {proc.returncode}). "
-            f"The conda packages are in place; fix the cause and rerun.\nuv says:\n{proc.stderr[-3000:]}"
-        )
-
-
-def _restore_urls(prefix: Path, fetched: list[dict]) -> None:
+        raise KtenvError(f"Installing the conda packages into {where} failed: {e.message}") from None
     # rattler records the local file it installed from; conda tools
     # (`conda list --explicit`) should see the channel URL the lock names.
     by_path = {Path(f["path"]).as_uri(): f["url"] for f in fetched}
-    for meta in (prefix / "conda-meta").glob("*.json"):
+    for meta in (where / "conda-meta").glob("*.json"):
         data = json.loads(meta.read_text())
         if data.get("url") in by_path:
             data["url"] = by_path[data["url"]]
             meta.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _check_python(python: Path, prefix: Path, doc: dict) -> None:
-    want = next(p["version"] for p in doc["package"] if p["name"] == "python")
+def check_python(where: Path, doc: dict, requested: str | None) -> str:
+    """The prefix's python runs as this prefix and is the lock's version; returns X.Y."""
+    python = where / "bin" / "python"
+    want = next((p["version"] for p in conda_packages(doc) if p["name"] == "python"), None)
+    if want is None:
+        raise KtenvError("The conda lock has no python package; the PyPI layer has nothing to install into. Relock.")
     try:
         out = subprocess.run([str(python), "-c", "import sys; print(sys.prefix); print('%d.%d' % sys.version_info[:2])"],
-                             capture_output=True, text=True, check=True).stdout.split("\n")
-    except (OSError, subprocess.CalledProcessError) as e:
+                             capture_output=True, text=True, check=True, timeout=120).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError) as e:
         raise KtenvError(f"{python} does not run ({e}); the conda python package is broken. Relock or report it.") from None
-    if Path(out[0]).resolve() != prefix:
+    if Path(out[0]).resolve() != where.resolve():
         raise KtenvError(
-            f"{python} reports sys.prefix {out[0]}, not {prefix}: uv would install the PyPI layer into "
+            f"{python} reports sys.prefix {out[0]}, not {where}: uv would install the PyPI layer into "
             "another environment. The python package in the conda lock is not a usable interpreter for this prefix."
         )
     if not want.startswith(out[1] + "."):
-        raise KtenvError(f"{python} is Python {out[1]}, but the conda lock pins python {want}. Rebuild the prefix.")
+        raise KtenvError(f"{python} is Python {out[1]}, but the conda lock pins python {want}. Relock.")
+    check_requested_python(requested, out[1], want)
+    return out[1]
+
+
+def check_requested_python(requested: str | None, have: str, pinned: str) -> None:
+    """--python with the conda backend: the conda lock decides the interpreter; a different one is refused."""
+    if not requested:
+        return
+    asked = requested
+    if os.sep in requested or Path(requested).exists():
+        proc = subprocess.run([requested, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                              capture_output=True, text=True)
+        asked = proc.stdout.strip() if proc.returncode == 0 else "(does not run)"
+    if asked != have and not asked.startswith(have + "."):
+        raise KtenvError(
+            f"--python {requested} asks for Python {asked}, but with --backend conda the interpreter is the conda "
+            f"lock's python ({pinned}). Relock for that Python (`build.py lock --arch <arch> --conda --python "
+            f"{asked}`), or leave --python out.")
+
+
+# --- after the PyPI layer ---------------------------------------------------------
+
+def conda_files(where: Path) -> dict[str, str]:
+    """Every file a conda package installed (relative to the prefix) -> that package's name."""
+    out = {}
+    for meta in sorted((where / "conda-meta").glob("*.json")):
+        data = json.loads(meta.read_text())
+        for f in data.get("files", []):
+            out[os.path.normpath(f)] = data.get("name", meta.stem)
+    return out
+
+
+def check_no_overlap(where: Path, before: dict[str, str]) -> None:
+    """Refuse, by name, a PyPI distribution that overwrote or removed a file of a conda package."""
+    site = dists.site_packages(where)
+    site_rel = os.path.relpath(site, where)
+    owners: dict[str, str] = {}
+    for dist, path, _ in dists.record_entries(dists.installed(site).values()):
+        owners[os.path.normpath(os.path.join(site_rel, path))] = f"{dist.name} {dist.version}"
+    clashes = sorted((p, before[p], owners[p]) for p in set(before) & set(owners))
+    gone = sorted(p for p in before if not os.path.lexists(where / p) and p not in owners)
+    if not clashes and not gone:
+        return
+    lines = [f"{p}: conda package {c}, overwritten by PyPI {d}" for p, c, d in clashes[:8]]
+    lines += [f"{p}: conda package {before[p]}, removed by the PyPI layer" for p in gone[:8]]
+    who = sorted({d.split()[0] for _, _, d in clashes})
+    raise KtenvError(
+        f"The PyPI layer would replace files of the conda layer ({len(clashes)} overwritten, {len(gone)} removed; "
+        f"PyPI distributions: {', '.join(who) or 'see below'}):\n  " + "\n  ".join(lines)
+        + "\nTwo package managers owning one file leave an env neither can repair. Take the package out of one "
+        "layer: drop it from envs/conda.toml, or from the PyPI lock with a rule in envs/rules.toml, and relock. "
+        "The previous env (if any) is untouched.")
+
+
+def relocate_scripts(where: Path, final: Path) -> list[str]:
+    """Console scripts uv wrote name the build directory's python: point them at the final prefix (RECORD follows)."""
+    old, new = os.fsencode(str(where)), os.fsencode(str(final))
+    site = dists.site_packages(where)
+    changed: dict[dists.Dist, dict[Path, bytes]] = {}
+    for dist, path, _ in dists.record_entries(dists.installed(site).values()):
+        full = Path(os.path.normpath(site / path))
+        if full.parent != where / "bin" or full.is_symlink() or not full.is_file():
+            continue
+        data = full.read_bytes()
+        if old in data[:4096]:
+            data = data.replace(old, new)
+            dists.write_replacing(full, data)
+            changed.setdefault(dist, {})[full] = data
+    for dist, files in changed.items():
+        dists.update_record(dist, files)
+    return sorted(p.name for files in changed.values() for p in files)

@@ -335,22 +335,28 @@ def shared_files(site: Path, dists: dict[str, Dist] | None = None) -> list[dict]
 
 # ---------------------------------------------------------------- entry point
 
-def apply(site: Path, departures: list[Departure], patches: list[Patch], stack_version: str) -> dict:
+def apply(site: Path, departures: list[Departure], patches: list[Patch], stack_version: str,
+          only: set[str] | None = None) -> dict:
     """Apply the lock's departures and the applicable patches/ entries to site; return the ledger.
 
+    only: the distributions to patch (a repair reinstalls a few, fresh from
+    their wheels; the others keep the edits they already have).
     Raises PatchError when a patch does not apply or when two distributions
     install different files at the same path without a shared-file entry.
     """
     dists = installed(site)
     changes, skipped = [], []
     for d in sorted(departures, key=lambda d: (d.owner, canonicalize_name(d.package), d.declared)):
-        changes += apply_departure(site, dists, d)
+        if only is None or d.owner[0] in only:
+            changes += apply_departure(site, dists, d)
     accepted = set()
     for p in patches:
         if not p.applies_to_stack(stack_version):
             continue
         if p.kind == "shared-file":
             accepted.add((os.path.normpath(p.path), p.distributions))
+            continue
+        if only is not None and p.distribution not in only:
             continue
         dist = dists.get(p.distribution)
         if dist is None:

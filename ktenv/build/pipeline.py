@@ -7,9 +7,11 @@ One build, start to finish:
             second caller waits (saying for whom) or, with --no-wait, fails.
   no-op     the prefix's stamp (lock hashes, patches hash, kt-kernel config,
             installed distributions) matches: nothing to do, in milliseconds.
-  venv      `uv venv --relocatable` in a hidden sibling of the prefix (same
-            filesystem, so the final step is a rename), with a Python the lock
-            was made for; uv never downloads one.
+  prefix    the one backend-specific step (build/prefix.py), in a hidden
+            sibling of the prefix (same filesystem, so the final step is a
+            rename): uv: `uv venv --relocatable` with a Python the lock was
+            made for (never downloaded); conda: the packages of
+            conda-lock.yml, hash-checked and linked for the final prefix.
   disk      before anything is downloaded: the env, plus the 4 GB the
             sgl-kernel loader insists on, must fit; else say how much is missing.
   sync      `uv pip sync --require-hashes`: every artifact checked against the
@@ -21,7 +23,8 @@ One build, start to finish:
   payload   sgl-kernel's CUDA payload extracted once per content into
             ~/.cache/ktenv/payload and linked into the env (build/payload.py),
             then confirmed by the env's own loader.
-  check     `uv pip check` must be clean.
+  check     `uv pip check` must be clean; conda: no PyPI distribution
+            overwrote or removed a conda file.
   swap      the finished env replaces the prefix in one rename (renameat2
             RENAME_EXCHANGE where the kernel has it). A build that fails or is
             killed leaves the previous env as it was; its leftovers are removed
@@ -47,11 +50,11 @@ from ..errors import KtenvError
 from ..progress import Progress, beat
 from ..target import STAMP, STAMP_FORMAT, Target
 from ..tools import uv_bin
-from . import dists, patches as patches_mod, payload as payload_mod
+from . import dists, patches as patches_mod, payload as payload_mod, repair, toolchain, verify
 from .disk import DiskFull, preflight
 from .envdir import BuildLock, check_relocated, check_replaceable, clean_stale, dist_infos, siblings, swap_in, up_to_date
 from .ktkernel import install as ktinstall
-from .python import find_python, identity
+from .prefix import backend as make_backend
 from .sync import run as _run, sync, uv_version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,6 +74,10 @@ class Options:
     wait: bool = True
     patches_dir: Path = PATCHES_DIR
     payload_cache: Path | None = None
+    cuda_home: str | None = None  # --cuda-home: the toolkit the env's JIT uses (recorded in the stamp)
+    backend: str = "uv"          # uv | conda: how the prefix and its Python are made
+    channel: str | None = None   # conda: the channel its lock was made against (a mirror)
+    conda_cache: Path | None = None
 
 
 def build(target: Target, opts: Options | None = None, progress=None) -> dict:
@@ -84,7 +91,7 @@ def build(target: Target, opts: Options | None = None, progress=None) -> dict:
     lock.check_hash()
     kt = target.kt
     patch_list = patches_mod.load_patches(opts.patches_dir)
-    python, pyver = find_python(lock.python, opts.python)
+    maker = make_backend(target, opts.backend, opts.python, opts.channel, opts.conda_cache)
     want = {
         "format": STAMP_FORMAT,
         "arch": lock.arch,
@@ -93,19 +100,24 @@ def build(target: Target, opts: Options | None = None, progress=None) -> dict:
         "input_hash": lock.input_hash,
         "patches_hash": patches_mod.patches_hash(lock.departures, patch_list, lock.stack),
         "kt_kernel_config": ktinstall.config(kt, opts.kt_source, opts.target_isa),
-        # The interpreter the env is built on (its base prefix): an env built by
-        # the host's Python must not pass for one built inside `nix develop`.
-        "python_base_prefix": identity(python)["base_prefix"],
+        **maker.want(),
     }
-    if opts.python:
-        want["python_requested"] = opts.python
+    if opts.cuda_home:  # another explicit toolkit: rebuild, so the stamp records the new choice
+        want["cuda_home_requested"] = os.path.abspath(opts.cuda_home)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with BuildLock(prefix, opts.wait, progress):
         cleaned = clean_stale(prefix, progress)
         fresh, why = up_to_date(prefix, want)
         if fresh:
             stamp = json.loads((prefix / STAMP).read_text())
-            return {"status": "up-to-date", "prefix": str(prefix), "cleaned": cleaned, "seconds": round(time.monotonic() - t0, 3), "stamp": stamp}
+            # Up to date by its stamp; the files themselves get the stat pass (build/verify.py).
+            check = verify.check(prefix)
+            if check["damaged"]:
+                progress(f"{prefix} matches its lock but {len(check['damaged'])} distribution(s) are damaged; repairing "
+                         "them (`env --check` only looks)")
+                return repair.repair_locked(target, check, progress, opts.patches_dir)
+            return {"status": "up-to-date", "prefix": str(prefix), "cleaned": cleaned, "seconds": round(time.monotonic() - t0, 3), "stamp": stamp,
+                    "check": {k: check[k] for k in ("files", "hashed", "seconds")}}
         progress(f"building {prefix} from {lock.directory} ({why})")
         check_replaceable(prefix)
         if opts.kt_source:
@@ -114,7 +126,7 @@ def build(target: Target, opts: Options | None = None, progress=None) -> dict:
         uv = uv_bin()
         restore = _terminate_as_interrupt()
         try:
-            return _build_into(tmp, prefix, target, opts, want, python, pyver, uv, patch_list, progress, times, t0, cleaned)
+            return _build_into(tmp, prefix, target, opts, want, maker, uv, patch_list, progress, times, t0, cleaned)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -145,23 +157,23 @@ def _step(times: dict, name: str):
     return cm()
 
 
-def _build_into(tmp, prefix, target, opts, want, python, pyver, uv, patch_list, progress, times, t0, cleaned) -> dict:
+def _build_into(tmp, prefix, target, opts, want, maker, uv, patch_list, progress, times, t0, cleaned) -> dict:
     lock, kt = target.lock, target.kt
-    env_python = tmp / "bin" / "python"
-    with _step(times, "venv"):
-        proc = _run([uv, "venv", "--relocatable", "--no-project", "--python", python, "--python-preference", "only-system", str(tmp)])
-        if proc.returncode != 0:
-            raise KtenvError(f"`uv venv` failed for {python}:\n{proc.stderr.strip()[-1500:]}")
+    with _step(times, "prefix"):
+        made = maker.make(tmp, prefix, uv, progress)
+    env_python, pyver, python = made.python, made.version, made.python_path
     with _step(times, "preflight"):
         disk = preflight(target.spec.stack.sizes, prefix, env_python, lock.requirements)
     progress(f"python {pyver} ({python}); disk ok ({disk['why']})")
 
     with _step(times, "sync"):
-        sync(uv, env_python, lock.requirements, progress)
+        sync(uv, env_python, lock.requirements, progress, mode=maker.sync_mode)
 
     with _step(times, "kt_install"):
         kt_built = ktinstall.install(kt, tmp, lock, opts.kt_source, opts.target_isa, progress)
         kt_wheel = kt_built["path"] if kt_built else None
+    # Before anything edits the env: the PyPI layer left the prefix's own files alone.
+    maker.after_pypi(tmp)
 
     # Importing kt_kernel (and torch) in a fresh env takes seconds; it does not
     # depend on the metadata patches or the payload, so it runs beside them.
@@ -198,9 +210,12 @@ def _build_into(tmp, prefix, target, opts, want, python, pyver, uv, patch_list, 
             "Relock (`python build.py lock`) or add a patch to patches/ with its reason."
         )
     progress(f"checks: uv pip check clean; kt-kernel variant {kt_report.get('variant', '?')}; payload loads from the env")
+    tc_record = toolchain.env_record(target.spec.root, lock.arch, lock.cuda, tmp, cuda_home=opts.cuda_home, progress=progress)
 
+    backend_report = maker.before_swap(tmp, prefix)
     stamp = dict(want)
     stamp.update(
+        **backend_report,
         python=pyver,
         python_path=python,
         uv_version=uv_version(uv),
@@ -210,10 +225,12 @@ def _build_into(tmp, prefix, target, opts, want, python, pyver, uv, patch_list, 
                        **({"source_build": {k: str(v) if isinstance(v, Path) else v for k, v in kt_built.items()}} if kt_built else {})),
         payload={k: payload_report.get(k) for k in ("present", "version", "archive_sha256", "bytes", "files")},
         patches=patch_report["changes"],
+        toolchain=tc_record,
         built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     stamp = _relocate(stamp, tmp, prefix)
     (tmp / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
+    verify.write_index(tmp)  # what `env --check` and the no-op compare the files with
 
     with _step(times, "swap"):
         how = swap_in(tmp, prefix)
@@ -222,6 +239,8 @@ def _build_into(tmp, prefix, target, opts, want, python, pyver, uv, patch_list, 
     progress(f"done: {prefix} ({how}) in {times['total']:.1f} s")
     return _relocate({
         "status": "built",
+        "backend": maker.name,
+        **backend_report,
         "prefix": str(prefix),
         "arch": lock.arch,
         "stack": lock.stack,
@@ -234,6 +253,7 @@ def _build_into(tmp, prefix, target, opts, want, python, pyver, uv, patch_list, 
         "payload_check": payload_check,
         "patches": patch_report,
         "pip_check": "clean",
+        "toolchain": stamp["toolchain"],
         "cleaned": cleaned,
         "swap": how,
         "seconds": times,
@@ -253,23 +273,33 @@ def _relocate(obj, tmp: Path, prefix: Path):
 
 def summary(r: dict) -> str:
     """The human report of a build (the --json output is the dict itself)."""
+    if r["status"] == "repaired":
+        return repair.render(r)
     if r["status"] == "up-to-date":
         s = r["stamp"]
         return (f"env {s['arch']}: {r['prefix']} is up to date (stack {s['stack']}, Python {s['python']}, "
-                f"kt-kernel {s.get('kt_kernel', {}).get('variant', '?')}); nothing to do ({r['seconds'] * 1000:.0f} ms).")
+                f"kt-kernel {s.get('kt_kernel', {}).get('variant', '?')}; {r['check']['files']} files stat-checked); "
+                f"nothing to do ({r['seconds'] * 1000:.0f} ms).")
     kt, pay, pat = r["kt_kernel"], r["payload"], r["patches"]
     meta = [c for c in pat["changes"] if c["file"].endswith("METADATA")]
     src = [c for c in pat["changes"] if not c["file"].endswith("METADATA")]
     lines = [
-        f"env {r['arch']}: built {r['prefix']} in {r['seconds']['total']:.1f} s (sync {r['seconds']['sync']:.1f} s)",
+        f"env {r['arch']}: built {r['prefix']} ({r.get('backend', 'uv')} backend) in {r['seconds']['total']:.1f} s (sync {r['seconds']['sync']:.1f} s)",
         f"  python {r['python']} ({r['python_path']}), stack {r['stack']}, lock {r['lock']['dir']}",
         f"  kt-kernel {kt.get('kt_kernel_version') or ''}: CPU variant {kt.get('variant', '?')} "
         f"({(kt.get('config') or {}).get('path', 'prebuilt')}{'' if kt.get('verified', True) else ', not loadable on this CPU: ' + kt.get('why', '')})",
     ]
     if pay.get("present"):
         lines.append(f"  sgl-kernel payload {pay['version']}: {_gb(pay['bytes'])} in the env ({'shared from cache' if pay['cache_hit'] else 'extracted'}, {pay['placed_by']})")
+    if r.get("conda"):
+        c = r["conda"]
+        lines.append(f"  conda layer: {c['packages']} packages from {c['lock']} ({', '.join(c['channels'])}); "
+                     f"no PyPI file over a conda file; {c['relocated_scripts']} script(s) pointed at the prefix")
     lines.append(f"  patches: {len(meta)} metadata edit(s), {len(src)} source patch(es); uv pip check: clean")
     if pat.get("shared_files"):
         lines.append(f"  shared files (accepted): {', '.join(s['path'] for s in pat['shared_files'])}")
+    tc = r.get("toolchain") or {}
+    lines.append(f"  CUDA toolchain for JIT: {tc['version']} at {tc['cuda_home']} ({tc['origin']})" if tc.get("cuda_home")
+                 else f"  CUDA toolchain for JIT: NONE -- the env cannot JIT-compile. {tc.get('remedy', '')}")
     lines.append(f"  use: {r['prefix']}/bin/python, or `python build.py smoke --arch {r['arch']} --prefix {r['prefix']}`")
     return "\n".join(lines)

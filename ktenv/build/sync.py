@@ -49,9 +49,16 @@ def uv_version(uv: str) -> str:
     return proc.stdout.split()[1] if proc.returncode == 0 and len(proc.stdout.split()) > 1 else ""
 
 
-def sync(uv: str, python: Path, requirements: Path, progress) -> None:
-    """uv pip sync with hash checking; uv's own summary lines are relayed as they come."""
-    cmd = [uv, "pip", "sync", "--require-hashes", "--python", str(python), str(requirements)]
+def sync(uv: str, python: Path, requirements: Path, progress, mode: str = "sync") -> None:
+    """Install the lock with hash checking; uv's own summary lines are relayed as they come.
+
+    mode "sync": `uv pip sync`, the env holds exactly the lock (a venv).
+    mode "install": `uv pip install --no-deps`, the same packages, but what the
+    prefix already has (a conda prefix's own Python packages) is left alone."""
+    if mode == "sync":
+        cmd = [uv, "pip", "sync", "--require-hashes", "--python", str(python), str(requirements)]
+    else:
+        cmd = [uv, "pip", "install", "--no-deps", "--require-hashes", "--python", str(python), "-r", str(requirements)]
     progress(f"sync: installing {requirements} (hash-checked)")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=uv_env(), preexec_fn=die_with_parent)
     tail: list[str] = []
@@ -75,4 +82,4 @@ def sync(uv: str, python: Path, requirements: Path, progress) -> None:
                 f"env (if any) is untouched:\n{text}\nEither the lock was tampered with or the index served a different "
                 "file. Do not work around this; regenerate the lock from a trusted index with `python build.py lock`."
             )
-        raise KtenvError(f"`uv pip sync` failed; the previous env (if any) is untouched:\n{text}")
+        raise KtenvError(f"`uv pip {cmd[2]}` failed; the previous env (if any) is untouched:\n{text}")

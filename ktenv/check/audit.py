@@ -35,6 +35,11 @@ from .cudacode import coverage, parse_code
 from .cuobjdump import WORKERS, AuditError, Cache, find_cuobjdump, scan, tool_version
 
 
+# Where probes/audit_probe.py looks for each JIT compiler (relative to site-packages), and what it looks for.
+JIT_HOME = {"ptxas": "triton/backends/nvidia/bin", "nvrtc": "nvidia/cuda_nvrtc/lib"}
+JIT_FILE = {"ptxas": "ptxas", "nvrtc": "libnvrtc.so.*"}
+
+
 # --- what loads on this arch ----------------------------------------------------------
 
 @dataclass
@@ -143,7 +148,7 @@ def audit(target: Target, cuobjdump: str | None = None, how: str = "", cache_pat
         failures.append({"binary": f"sgl_kernel/{pick}/common_ops.abi3.so",
                          "why": f"sgl_kernel loads {pick}/common_ops on compute capability {arch.compute_capability}, and it is "
                                 "not on disk (for sm100/ it comes from the split payload, which this env has not extracted), "
-                                "so it could not be audited; `python build.py env` places it"})
+                                f"so it could not be audited; `{target.build_hint()} --repair` places it"})
     for g in groups.values():
         g["runs_on_arch"] = g["covered"] == g["files"]
         if g["role"] == "loaded" and not g["runs_on_arch"]:
@@ -155,16 +160,23 @@ def audit(target: Target, cuobjdump: str | None = None, how: str = "", cache_pat
                       ("nvrtc", "NVRTC (deep_gemm, tilelang and cuda-python JIT)")):
         j = info.get(key) or {}
         if not j.get("found"):
+            home = site / JIT_HOME[key]
+            if home.is_dir() and not j.get("error"):
+                # Its package is installed but the compiler file is gone: a damaged env, not a lock without it.
+                why = f"{JIT_HOME[key]}/ is installed but holds no {JIT_FILE[key]}: a file of the env was deleted"
+                jit.append({"compiler": what, "ok": False, "evidence": why})
+                failures.append({"binary": JIT_HOME[key], "why": f"{what}: {why}; `{target.build_hint()} --repair` reinstalls it"})
+                continue
             jit.append({"compiler": what, "ok": None, "evidence": j.get("error", "not in this env")})
             continue
-        target = f"sm_{arch.sm_number}"
-        ok = target in j["archs"]
+        sm = f"sm_{arch.sm_number}"
+        ok = sm in j["archs"]
         jit.append({"compiler": what, "ok": ok, "version": j["version"],
-                    "evidence": f"{j['version']} targets {target}" if ok else f"{j['version']} cannot target {target} "
+                    "evidence": f"{j['version']} targets {sm}" if ok else f"{j['version']} cannot target {sm} "
                     f"(knows {', '.join(j['archs'][-6:])})"})
         if not ok:
             failures.append({"binary": j.get("path") or j.get("library"),
-                             "why": f"{what} {j['version']} cannot compile for {target}"})
+                             "why": f"{what} {j['version']} cannot compile for {sm}"})
     return {"arch": arch.name, "compute_capability": arch.compute_capability, "site": str(site), "roots": [str(r) for r in roots],
             "cuobjdump": {"path": cuobjdump, "version": version, "from": how}, "cache": str(cache.path),
             "timing": {**timing, "total_s": round(time.monotonic() - t0, 1)}, "ok": not failures, "failures": failures,

@@ -15,6 +15,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 
 from .. import probe as proberun
+from ..build import activate, toolchain
 from ..lock.model import Entry, Lock
 from ..spec import Arch, Spec
 from ..target import Target
@@ -44,6 +45,9 @@ class Context:
     modules: list[str] | None = None  # restrict the import sweep (tests); None = all
     extra_args: list[str] = field(default_factory=list)  # extra server flags (launch tiers)
     work: Path | None = None  # where launch-gpu keeps its model and log
+    cpu_flags_given: bool = False  # cpu_flags describe another CPU (judging an env for another machine)
+    model: str | None = None  # the user's checkpoint (smoke --model): server-args loads its config
+    compile_jit: bool = False  # the toolchain tier compiles the first-start kernels (asked for with --tier toolchain)
 
     @property
     def spec(self) -> Spec:
@@ -57,9 +61,15 @@ class Context:
     def prefix(self) -> Path:
         return self.target.prefix
 
+    python_override: Path | None = None  # tests run a stand-in interpreter
+
     @property
     def python(self) -> Path:
-        return self.target.python
+        return self.python_override or self.target.python
+
+    @python.setter
+    def python(self, value: Path) -> None:
+        self.python_override = Path(value)
 
     @property
     def lock(self) -> Lock:
@@ -71,12 +81,29 @@ class Context:
         return [{"name": e.name, "version": e.version, "marker": e.marker} for e in self.lock.entries()]
 
     def remedy_rebuild(self) -> str:
-        return f"Rebuild the env: {self.target.build_hint()}"
+        """For an env that is not what its lock says (other versions, packages added or gone): a repair cannot fix that."""
+        return f"Rebuild the env from its lock: {self.target.build_hint()}"
+
+    def remedy_repair(self) -> str:
+        """For files of the env deleted or changed: reinstall just those distributions."""
+        return (f"Reinstall the damaged distributions: {self.target.build_hint()} --repair (only those, hash-checked "
+                "from the lock; `--check` lists the damaged files first)")
+
+    def remedy_files(self) -> str:
+        """For a failure that a damaged file may cause, or the lock itself."""
+        hint = self.target.build_hint()
+        return (f"If files of the env were deleted or changed, `{hint} --check` names them and `{hint} --repair` "
+                "reinstalls them; if it finds none, the env is as its lock made it and the fault is in the lock")
 
 
 def child_env(target: Target, base: dict | None = None) -> dict:
-    """os.environ plus the stack's and arch's [env] (what a launch sets), made safe for probing."""
-    extra = {k: v for k, v in target.inputs.env.items() if k not in (base if base is not None else os.environ)}
+    """The env activated as launch runs it (build/activate.py: its bin/ first, the CUDA toolkit it
+    recorded, a conda prefix's activation) plus the stack's and arch's [env], made safe for probing."""
+    base = dict(os.environ if base is None else base)
+    if target.built:
+        tc = toolchain.for_env(target.spec.root, target.arch.name, target.prefix, base)
+        base = activate.activation(target.prefix, tc, base)
+    extra = {k: v for k, v in target.inputs.env.items() if k not in base}
     return proberun.child_env(base, extra)
 
 

@@ -5,10 +5,15 @@
                 (tier_import.py)
     kernel      a KT-Kernel MXFP4 MoE forward against a torch reference
                 (tier_kernel.py)
+    toolchain   the CUDA toolkit the env JIT-compiles with: torch's major, new
+                enough for the arch, found by every JIT path; with `--tier
+                toolchain` the first-start kernels compiled, timed (toolchain_tier.py)
     launch-cpu  the arch's launch command through sglang's own argparse, and
                 the DeepSeek-V4 env-var rules (tier_launch.py)
+    server-args sglang's ServerArgs post-init and model-config loading for the
+                launch argv, on the tiny model and --model (startup.py)
     launch-gpu  a real server on a generated tiny DeepSeek-V4 model (dummy
-                weights) when a GPU of the arch is visible; skipped otherwise
+                weights) on one GPU of the arch when one is visible; skipped otherwise
 
 Every check runs in the env's python, in its own process (ktenv never imports
 torch or sglang; see ktenv/probe.py). A result is passed, failed, needs-gpu
@@ -26,10 +31,13 @@ from ..target import Target
 from .result import FAILED, NEEDS_GPU, PASSED, SKIPPED, Context, Result, child_env
 from .tier_import import import_tier
 from .tier_kernel import kernel_tier
+from .startup import server_args_tier
 from .tier_launch import launch_cpu_tier, launch_gpu_tier
+from .toolchain_tier import toolchain_tier
 
-TIERS = ("import", "kernel", "launch-cpu", "launch-gpu")
-TIER_FUNCS = {"import": import_tier, "kernel": kernel_tier, "launch-cpu": launch_cpu_tier, "launch-gpu": launch_gpu_tier}
+TIERS = ("import", "kernel", "toolchain", "launch-cpu", "server-args", "launch-gpu")
+TIER_FUNCS = {"import": import_tier, "kernel": kernel_tier, "toolchain": toolchain_tier,
+              "launch-cpu": launch_cpu_tier, "server-args": server_args_tier, "launch-gpu": launch_gpu_tier}
 
 
 def context(target: Target, **kw) -> Context:

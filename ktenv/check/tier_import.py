@@ -14,6 +14,7 @@ from pathlib import Path
 from ..build import payload
 from ..build.ktkernel.verify import verify_prebuilt
 from ..errors import KtenvError
+from ..serve import tune
 from .cudacode import runs_on
 from .result import FAILED, NEEDS_GPU, PASSED, SKIPPED, Context, Result, probe, version as _v
 
@@ -37,7 +38,7 @@ def _import_result(ctx: Context, name: str, r: dict | None, why: str) -> Result:
                       "Run smoke on a machine with the arch's GPU and driver to import it for real.")
     return Result("import", f"import {name}", FAILED, r["error"][:800],
                   "The module is installed but does not import; the traceback tail is in the JSON report. "
-                  + ctx.remedy_rebuild() + ".", {"traceback": r.get("traceback_tail", "")})
+                  + ctx.remedy_files() + ".", {"traceback": r.get("traceback_tail", "")})
 
 
 def _import_one(ctx: Context, name: str) -> Result:
@@ -60,9 +61,12 @@ def _versions(ctx: Context, inv: dict) -> Result:
                 + (f"; {len(inv['not_for_this_python'])} not for Python {inv['python']} (markers)" if inv["not_for_this_python"] else "")
                 + (f"; not in the lock: {', '.join(inv['extra'][:10])}" if inv["extra"] else ""))
     detail = {k: inv[k] for k in ("wrong_version", "missing", "not_for_this_python", "extra", "damaged", "overlapping")}
-    if problems or damaged:
+    if problems:  # other versions or packages: the env is not what its lock says, a repair cannot help
         return Result("import", "locked versions", FAILED, "; ".join(problems + damaged)[:1500],
                       f"The env no longer matches {ctx.lock.requirements}. {ctx.remedy_rebuild()}", detail)
+    if damaged:  # the right distributions, with files deleted or changed
+        return Result("import", "locked versions", FAILED, "; ".join(damaged)[:1500],
+                      f"Files of the env were deleted or changed after it was built. {ctx.remedy_repair()}.", detail)
     return Result("import", "locked versions", PASSED, evidence, detail=detail)
 
 
@@ -113,12 +117,20 @@ def _server_args(ctx: Context) -> Result:
 
 
 def _kt_kernel(ctx: Context) -> Result:
+    """The variant the server will load: tune's choice when the env was tuned on this CPU (launch exports
+    it), else kt-kernel's own pick by ISA rank; either must load, be runnable here and have CUDA."""
+    env, expected, why = dict(ctx.env), None, "the best this CPU runs"
+    tuned, _ = tune.launch_env(ctx.prefix, ["--kt-method", "MXFP4"], ctx.env)
+    if tuned and not ctx.cpu_flags_given:
+        env.update(tuned)
+        expected, why = tuned["KT_KERNEL_CPU_VARIANT"], "the variant `tune` measured fastest here, which launch exports"
     try:
-        rep = verify_prebuilt(ctx.spec.knowledge.kt_kernel, str(ctx.python), ctx.cpu_flags or None, environ=ctx.env)
+        rep = verify_prebuilt(ctx.spec.knowledge.kt_kernel, str(ctx.python), ctx.cpu_flags or None, expected=expected,
+                              environ=env)
     except KtenvError as e:
         return Result("import", "kt_kernel", FAILED, str(e).split(". ")[0] + ".", str(e))
     return Result("import", "kt_kernel", PASSED,
-                  f"kt-kernel {rep.get('kt_kernel_version')} loads its {rep['variant']} build (the best this CPU runs: "
+                  f"kt-kernel {rep.get('kt_kernel_version')} loads its {rep['variant']} build ({why}; best by ISA: "
                   f"{rep['best']}); CPUInfer.submit_with_cuda_stream present (built with CUDA)", detail=rep)
 
 
@@ -219,14 +231,16 @@ def _payload(ctx: Context, site: Path) -> Result:
         where = payload.verify_in_env(ctx.python, site)
     except KtenvError as e:
         return Result("import", name, FAILED, str(e)[:600],
-                      f"{ctx.remedy_rebuild()} (it joins, checks and places the payload).")
+                      f"{ctx.remedy_repair()}: it places the payload again, and reinstalls a carrier whose part was "
+                      "deleted. Where the error says the carriers come from different releases, the lock is at fault: relock.")
     # sgl_kernel/load_utils.py: compute capability 9.0 loads sm90/, every other one sm100/.
     sub = ctx.spec.knowledge.loaders.common_ops_dir(ctx.arch.compute_capability)
     in_wheel = list((site / "sgl_kernel" / sub).glob("common_ops.*"))
     if not in_wheel and f"{sub}/common_ops.abi3.so" not in manifest.binaries:
         return Result("import", name, FAILED, f"sgl_kernel/{sub}/common_ops.* is neither installed nor in the payload",
                       f"sgl_kernel's loader picks {sub}/ on {ctx.arch.name}; the wheel carrying it is missing "
-                      "(ktransformers carries sm90/). Rebuild the env from its lock.")
+                      f"(ktransformers carries sm90/). If its files were deleted: {ctx.remedy_repair()}. If the "
+                      f"distribution is not installed at all: {ctx.remedy_rebuild()}.")
     src = f"sgl_kernel/{sub}/ in the wheel" if in_wheel else f"{sub}/common_ops from the payload"
     return Result("import", name, PASSED,
                   f"{len(parts)} parts join to the manifest's sha256; the loader finds the files at {where.get('root')}; "

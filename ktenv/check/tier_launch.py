@@ -1,53 +1,28 @@
 """The launch tiers. launch-cpu: the command `build.py launch` would run, parsed
 by the installed sglang's own argparse, and the DeepSeek-V4 env-var rules.
 launch-gpu: a real server on a generated tiny DeepSeek-V4 model (dummy
-weights) when a GPU of the arch is visible; skipped otherwise."""
+weights) on one GPU of the arch when one is visible; skipped otherwise. The
+tiny model, the one-GPU command and the server environment come from
+startup.py, which the server-args tier shares."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
-from ..host import gpu as gpumod
 from ..host.facts import HostFacts, live_facts
+from ..probes import smoke_server  # host-side: it starts and watches the server process
 from ..serve import launch
+from . import startup
+from .command import command, dsv4_result
 from .result import FAILED, NEEDS_GPU, PASSED, SKIPPED, Context, Result, probe
-
-
-def _command(ctx: Context, model: str, speculative: bool = True, extra: list[str] | None = None,
-             facts: HostFacts | None = None, require_gpu: bool = False) -> tuple[launch.LaunchCommand, str]:
-    """The command `build.py launch` would run, and the DeepSeek-V4 env-var problem
-    (as launch words it) if there is one. launch refuses such a command outright;
-    smoke reports the problem and still parses the flags (with a valid mode)."""
-    user = {k: v for k, v in ctx.env.items() if k.startswith("SGLANG_DSV4")}
-    kw = dict(model=model, python=str(ctx.python), speculative=speculative,
-              extra=list(ctx.extra_args) + list(extra or []), numactl=shutil.which("numactl") or "numactl",
-              require_gpu=require_gpu)
-    facts = facts or live_facts(str(ctx.prefix))
-    try:
-        return launch.build_command(ctx.spec, ctx.arch.name, facts, user_env=user, **kw), ""
-    except launch.LaunchError as e:
-        if "SGLANG_DSV4" not in str(e):
-            raise
-        valid = {"SGLANG_DSV4_MODE": "2601", "SGLANG_DSV4_2604_SUBMODE": ""}
-        return launch.build_command(ctx.spec, ctx.arch.name, facts, user_env=valid, **kw), str(e)
-
-
-def _dsv4(tier: str, cmd: launch.LaunchCommand, error: str) -> Result:
-    if error:
-        return Result(tier, "DeepSeek-V4 env vars", FAILED, error,
-                      "sglang-kt checks these only while loading weights, minutes into a start; fix them first.")
-    return Result(tier, "DeepSeek-V4 env vars", PASSED,
-                  ", ".join(f"{k}={v}" for k, v in cmd.env.items() if k.startswith("SGLANG_DSV4")) + " with --kt-method "
-                  + str(launch.flag_value(cmd.server_args, "--kt-method")))
 
 
 def launch_cpu_tier(ctx: Context) -> list[Result]:
     model = str(Path(tempfile.gettempdir()) / "ktenv-smoke-model-not-loaded")
-    cmd, dsv4_error = _command(ctx, model)
-    results = [_dsv4("launch-cpu", cmd, dsv4_error)]
+    cmd, dsv4_error = command(ctx, model)
+    results = [dsv4_result("launch-cpu", cmd, dsv4_error)]
     r, why = probe(ctx, "smoke_launch_cpu.py", [], {"argv": cmd.server_args}, env={**ctx.env, **cmd.env})
     name = "launch command parses"
     if r is None or "import_error" in (r or {}):
@@ -80,37 +55,44 @@ def launch_cpu_tier(ctx: Context) -> list[Result]:
     return results
 
 
-def launch_gpu_tier(ctx: Context) -> list[Result]:
-    from ..probes import smoke_server  # host-side: it starts and watches the server process
-
-    host = gpumod.detect()
-    visible = gpumod.visible_gpus(host.gpus, dict(ctx.env))
-    mine = [g for g in visible.gpus if (a := gpumod.arch_for_cc(ctx.spec, g.compute_capability)) and a.name == ctx.arch.name]
-    if not mine:
-        seen = ", ".join(f"{g.name} (cc {g.compute_capability})" for g in visible.gpus) or "no GPU"
-        why = " ".join(host.notes) if not host.gpus else f"this host shows {seen}"
+def launch_gpu_tier(ctx: Context, facts: HostFacts | None = None) -> list[Result]:
+    """facts: tests pass a recorded host (with a stand-in server as the env's python)."""
+    given = facts is not None
+    facts = facts or live_facts(str(ctx.prefix))
+    if not given and facts.origin != "this host":
+        return [Result("launch-gpu", "server on a tiny DeepSeek-V4", SKIPPED,
+                       f"host facts come from {facts.origin} (KTENV_HOST_RECORDING); a server start needs this host's GPU",
+                       "Unset KTENV_HOST_RECORDING to run the tier here.")]
+    if not startup.arch_gpus(ctx, facts):
+        seen = ", ".join(f"{g.name} (cc {g.compute_capability})" for g in facts.gpu.gpus) or "no GPU"
+        why = " ".join(facts.gpu.notes) if not facts.gpu.gpus else f"this host shows {seen}"
         return [Result("launch-gpu", "server on a tiny DeepSeek-V4", SKIPPED,
                        f"needs a visible {ctx.arch.title} GPU (compute capability {ctx.arch.compute_capability}); {why}",
                        f"Run `python build.py smoke --arch {ctx.arch.name} --tier launch-gpu` on such a host.")]
-    work = ctx.work or Path(tempfile.mkdtemp(prefix=f"ktenv-smoke-{ctx.arch.name}-"))
-    model = work / "model"
-    r, why = probe(ctx, "smoke_tiny_model.py", [str(model)], timeout=900)
-    if r is None or not r.get("ok"):
-        return [Result("launch-gpu", "tiny model", FAILED, why or r.get("error", ""),
+    model, r, why = startup.tiny_model(ctx)
+    ctx.work = ctx.work or Path(tempfile.mkdtemp(prefix=f"ktenv-smoke-{ctx.arch.name}-"))  # the server log
+    if r is None:
+        return [Result("launch-gpu", "tiny model", FAILED, why,
                        "The generator runs in the env (safetensors, tokenizers, sglang's config class); see the error.")]
     port = smoke_server.free_port()
-    cmd, dsv4_error = _command(ctx, str(model), speculative=False, require_gpu=True,
-                   extra=["--load-format", "dummy", "--port", str(port), "--kt-num-gpu-experts", str(r["gpu_experts"]),
-                          "--kt-gpu-prefill-token-threshold", "0", "--context-length", "4096",
-                          "--max-total-tokens", "4096", "--cuda-graph-max-bs", "1", "--cuda-graph-bs", "1"])
+    try:
+        cmd, dsv4_error, gpu = startup.tiny_command(ctx, model, r, port, facts=facts, require_gpu=True)
+    except launch.LaunchError as e:  # e.g. several NUMA nodes and no numactl: `build.py launch` refuses too
+        return [Result("launch-gpu", "launch command", FAILED, str(e), "Fix what the message names, then rerun.")]
     results = [Result("launch-gpu", "tiny model", PASSED, f"{model}: {r['summary']}", detail=r),
-               _dsv4("launch-gpu", cmd, dsv4_error)]
+               dsv4_result("launch-gpu", cmd, dsv4_error)]
     if dsv4_error:
         return results
-    run = smoke_server.ServerRun(cmd.argv, {**ctx.env, **cmd.env}, port, work / "server.log")
-    report = run.check(deadline=float(os.environ.get("KTENV_SMOKE_START_TIMEOUT", "900")), prompt=r["prompt"])
+    deadline = float(os.environ.get("KTENV_SMOKE_START_TIMEOUT", "900"))
+    run = smoke_server.ServerRun(cmd.argv, startup.server_env(ctx, cmd, gpu, deadline), port, ctx.work / "server.log",
+                                 kt_layers=r["kt_layers"], kt_experts=r["n_routed_experts"])
+    report = run.check(deadline=deadline, prompt=r["prompt"])
+    report["gpu"] = f"{gpu.index} {gpu.name} ({gpu.uuid}, PCI {gpu.pci_bus_id})"
+    report["not_exercised"] = startup.not_exercised(ctx, r)
     status = PASSED if report["ok"] else FAILED
-    results.append(Result("launch-gpu", "server on a tiny DeepSeek-V4", status, report["summary"],
-                          "" if report["ok"] else f"The server log is {work / 'server.log'}; its last lines are in the JSON report.",
+    gaps = " Not exercised by the tiny start: " + "; ".join(report["not_exercised"]) + "."
+    results.append(Result("launch-gpu", "server on a tiny DeepSeek-V4", status,
+                          f"on GPU {gpu.index} ({gpu.name}), --tensor-parallel-size 1: {report['summary']}." + gaps,
+                          "" if report["ok"] else f"The server log is {ctx.work / 'server.log'}; its last lines are in the JSON report.",
                           report))
     return results

@@ -1,9 +1,11 @@
-"""The conda lock: envs/conda.toml solved per arch into lock/<arch>/conda-lock.yml.
+"""The conda lock: envs/conda.toml solved per arch into lock/<arch>/conda-lock.yml,
+with the PyPI layer (lock/<arch>/requirements.txt) as `manager: pip` entries.
 
 Solving, indexing and installing conda packages is done by py-rattler (the
 engine behind pixi), so no conda, mamba or micromamba executable is needed.
 The lock is written in conda-lock's own format (version 1, the one
-`conda-lock install` and `micromamba create -f` read), together with the
+`conda-lock install` and `micromamba create -f` read: the conda packages, then
+every PyPI package with `pip install --no-deps`), together with the
 conda-lock inputs that reproduce it (`conda-environment.yml` and
 `conda-virtual-packages.yml`, for `conda-lock --virtual-package-spec`).
 """
@@ -122,8 +124,10 @@ def load_inputs(spec, arch: str, python: str | None = None, stack_version: str |
         raise SpecError(f"Python {python} is not one the stack is built for ({', '.join(spec.stack.python)}; envs/stack.toml).")
     packages = dict(conda.get("packages", {}))
     packages.update(data.get("arch", {}).get(arch, {}).get("packages", {}))
-    if "python" not in packages:
-        raise SpecError(f"{path}: [conda.packages] has no python; the PyPI layer is installed into the conda prefix's python.")
+    for needed, why in (("python", "the PyPI layer is installed into the conda prefix's python"),
+                        ("pip", "`conda-lock install` and `micromamba create -f` install the lock's pip entries with it")):
+        if needed not in packages:
+            raise SpecError(f"{path}: [conda.packages] has no {needed}; {why}.")
     specs = []
     for name, version in sorted(packages.items()):
         try:
@@ -167,19 +171,75 @@ def solve(inputs: CondaInputs) -> list[dict]:
             "virtual": inputs.virtual, "subdir": inputs.subdir, "exclude_newer": inputs.exclude_newer,
         })
     except RattlerFailure as e:
-        hint = ""
-        if e.kind == "SolverError" and inputs.exclude_newer:
-            hint = (
-                f" The solve only considered packages published before the stack's cut-off "
-                f"{inputs.exclude_newer} (envs/stack.toml); a channel indexed by rattler after that date "
-                "(a local mirror) stamps every package with its indexing time, so nothing qualifies."
-            )
-        raise ResolveError(
-            f"The conda packages of {inputs.arch} cannot be solved from {', '.join(inputs.channels)} "
-            f"for a host with {_vp_text(inputs.virtual)}.{hint}\nThe solver says:\n{e.message}\n"
-            "Change the specs in envs/conda.toml, or the CUDA/glibc the stack targets, and lock again."
-        ) from None
+        raise _explain(inputs, e) from None
     return result["records"]
+
+
+class ChannelUnreachable(ResolveError):
+    """The channel could not be reached (network, DNS, proxy, a mirror down)."""
+
+
+class CutoffExcluded(ResolveError):
+    """The specs solve, but only with packages published after the cut-off."""
+
+
+def _explain(inputs: CondaInputs, e: RattlerFailure) -> ResolveError:
+    where = ", ".join(inputs.channels)
+    if e.kind == "GatewayError" or "error sending request" in e.message:
+        if any(s in e.message for s in ("error sending request", "dns error", "Connect", "timed out", "connection")):
+            return ChannelUnreachable(
+                f"Cannot reach the conda channel {where} from this machine: the network (or DNS, or a proxy) "
+                f"is in the way, so nothing was solved and no lock was written. Fix the connection, or lock "
+                f"against a mirror you can reach: build.py lock --arch {inputs.arch} --conda --channel URL "
+                f"(with --exclude-newer none if the mirror's index carries no publication times).\n"
+                f"rattler says:\n{e.message}")
+        return ResolveError(f"The conda channel {where} answered, but not with a conda index (repodata): is it a "
+                            f"conda channel URL (…/conda-forge, with linux-64/ and noarch/ below it)?\n{e.message}")
+    if e.kind == "SolverError" and inputs.exclude_newer:
+        # Solvable without the cut-off? Then the cut-off is what excluded it: name the packages.
+        try:
+            records = solve(CondaInputs(inputs.arch, inputs.subdir, inputs.channels, inputs.specs, inputs.virtual,
+                                        inputs.python, inputs.cuda, None))
+        except ResolveError:
+            records = None
+        if records is not None:
+            late = sorted(f"{r['name']} {r['version']} ({r['timestamp'] or 'no publication time'})"
+                          for r in records if not r.get("timestamp") or r["timestamp"] > _iso(inputs.exclude_newer))
+            return CutoffExcluded(
+                f"The conda packages of {inputs.arch} solve from {where}, but not with what was published before "
+                f"the cut-off {inputs.exclude_newer}: the solution needs {', '.join(late) or 'packages published later'}. "
+                "A local mirror indexed by rattler stamps every package with its indexing time, so nothing in it "
+                "predates an older cut-off. Lift the cut-off for this lock (--exclude-newer none, or a later "
+                "--exclude-newer DATE), or move the stack's exclude_newer in envs/stack.toml.")
+    return ResolveError(
+        f"The conda packages of {inputs.arch} cannot be solved from {where} for a host with "
+        f"{_vp_text(inputs.virtual)}{f' (cut-off {inputs.exclude_newer})' if inputs.exclude_newer else ''}: "
+        f"the specs contradict each other or the channel lacks a version they ask for.\nThe solver says:\n"
+        f"{e.message}\nChange the specs in envs/conda.toml, or the CUDA/glibc the stack targets, and lock again.")
+
+
+def _iso(stamp: str) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(timezone.utc).isoformat()
+
+
+def parse_exclude_newer(value: str | None) -> str | None:
+    """`--exclude-newer`: None (flag absent) -> "stack"; "none" -> None; a date or time -> ISO 8601 UTC."""
+    from datetime import datetime, timezone
+
+    if value is None:
+        return "stack"
+    if value.lower() == "none":
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise KtenvError(f"--exclude-newer {value!r} is neither `none` nor a date (2026-11-20 or "
+                         "2026-11-20T00:00:00Z).") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _vp_text(virtual: dict[str, str]) -> str:
@@ -188,12 +248,18 @@ def _vp_text(virtual: dict[str, str]) -> str:
 
 def lock(spec, arch: str, out_dir: Path | str | None = None, channel_url: str | None = None,
          python: str | None = None, stack_version: str | None = None, exclude_newer: str | None = "stack",
-         progress=print) -> Path:
-    """Solve the arch's conda packages and write lock/<arch>/conda-lock.yml
-    (plus the conda-lock inputs next to it). Returns the lock's path."""
+         progress=print, offline: bool = False) -> Path:
+    """Solve the arch's conda packages and write lock/<arch>/conda-lock.yml: the
+    conda packages plus every package of the PyPI lock beside it as a pip entry
+    (and the conda-lock inputs next to it). Returns the lock's path."""
+    from .conda_pip import pip_entries
+
     yaml = _yaml()
     inputs = load_inputs(spec, arch, python, stack_version, channel_url, exclude_newer)
     out = Path(out_dir) if out_dir else Path(spec.root).parent / "lock" / arch
+    if not (out / "requirements.txt").is_file():
+        raise KtenvError(f"{out}/requirements.txt: no PyPI lock to put into the conda lock. Lock it first: "
+                         f"python build.py lock --arch {arch}")
     progress(f"conda: solving {len(inputs.specs)} specs for {arch} ({_vp_text(inputs.virtual)}) from {', '.join(inputs.channels)}")
     records = solve(inputs)
     packages = []
@@ -209,7 +275,10 @@ def lock(spec, arch: str, out_dir: Path | str | None = None, channel_url: str | 
             "hash": {"md5": r["md5"], "sha256": r["sha256"]}, "build": r["build"],
             "category": "main", "optional": False,
         })
+    progress(f"conda: listing the files of {out / 'requirements.txt'} for Python {inputs.python} (pip entries)")
+    pips = pip_entries(out, inputs.python, inputs.subdir, offline=offline)
     digest = inputs.digest()
+    req_sha = _sha256(out / "requirements.txt")
     doc = {
         "version": 1,
         "metadata": {
@@ -223,9 +292,10 @@ def lock(spec, arch: str, out_dir: Path | str | None = None, channel_url: str | 
                 "ktenv_exclude_newer": inputs.exclude_newer or "",
                 "ktenv_exclude_newer_from": "stack" if exclude_newer == "stack" else ("none" if exclude_newer is None else "explicit"),
                 "ktenv_solver": f"py-rattler {_rattler_version()}",
+                "ktenv_requirements_sha256": req_sha,
             },
         },
-        "package": packages,
+        "package": packages + pips,
     }
     out.mkdir(parents=True, exist_ok=True)
     header = (
@@ -240,8 +310,16 @@ def lock(spec, arch: str, out_dir: Path | str | None = None, channel_url: str | 
         "channels": list(inputs.channels), "platforms": [inputs.subdir], "dependencies": list(inputs.specs),
     }, sort_keys=False))
     _write(out / VIRTUAL_FILE, yaml.safe_dump({"subdirs": {inputs.subdir: {"packages": dict(sorted(inputs.virtual.items()))}}}, sort_keys=False))
-    progress(f"conda: locked {len(packages)} packages -> {out / LOCK_FILE}")
+    progress(f"conda: locked {len(packages)} conda packages and {len(pips)} pip packages -> {out / LOCK_FILE}")
     return out / LOCK_FILE
+
+
+def _sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pip_packages(doc: dict) -> list[dict]:
+    return [p for p in doc["package"] if p.get("manager") == "pip"]
 
 
 def _write(path: Path, text: str) -> None:
@@ -272,7 +350,10 @@ def read_lock(path: Path | str) -> dict:
         raise KtenvError(f"{path}: not a conda-lock version 1 file. Relock it with ktenv.")
     for p in doc["package"]:
         missing = [k for k in ("name", "version", "url", "platform") if not p.get(k)]
-        if missing or not (p.get("hash") or {}).get("md5") or not (p.get("hash") or {}).get("sha256"):
+        h = p.get("hash") or {}
+        # conda packages: md5 (conda-lock requires it) and sha256; pip entries: sha256.
+        hashed = h.get("sha256") and (h.get("md5") or p.get("manager") == "pip")
+        if missing or not hashed:
             raise KtenvError(
                 f"{path}: the entry for {p.get('name', '?')} lacks {', '.join(missing) or 'an md5 and sha256'}. "
                 "ktenv installs only hash-pinned packages; relock."
@@ -289,6 +370,12 @@ def check(spec, arch: str, lock_dir: Path | str | None = None, channel_url: str 
     source = meta.get("ktenv_exclude_newer_from", "stack")
     cutoff = {"stack": "stack", "none": None}.get(source, meta.get("ktenv_exclude_newer") or None)
     inputs = load_inputs(spec, arch, meta.get("ktenv_python"), meta.get("ktenv_stack") or None, channel_url, cutoff)
+    req = lock_dir / "requirements.txt"
+    if req.is_file() and meta.get("ktenv_requirements_sha256") != _sha256(req):
+        raise LockStale(
+            f"{lock_dir / LOCK_FILE} is out of date: its pip entries were made from another {req} (the PyPI lock "
+            f"was relocked since). A conda-lock install from it would not be the PyPI lock's packages. Relock: "
+            f"python build.py lock --arch {arch} --conda")
     if meta.get("ktenv_inputs") != inputs.digest():
         raise LockStale(
             f"{lock_dir / LOCK_FILE} is out of date: envs/conda.toml, the arch's CUDA, the stack's glibc or "

@@ -90,6 +90,9 @@ def _record_dict(r) -> dict:
         "url": r.url, "file_name": r.file_name, "channel": r.channel,
         "md5": r.md5.hex() if r.md5 else None, "sha256": r.sha256.hex() if r.sha256 else None,
         "dependencies": {k: ",".join(v) for k, v in deps.items()}, "depends": list(r.depends),
+        # When the package was published (CEP 47's indexed time where the
+        # channel gives one): what names a package the cut-off excluded.
+        "timestamp": r.timestamp.isoformat() if getattr(r, "timestamp", None) else None,
     }
 
 
@@ -128,6 +131,10 @@ async def _op_install(p: dict) -> dict:
     await rattler.install(
         records, p["prefix"], cache_dir=p["cache"], installed_packages=[], show_progress=False,
         execute_link_scripts=False, platform=rattler.Subdir(p["subdir"]),
+        # Linked into the build directory, but the final prefix is what goes
+        # into files that carry conda's prefix placeholder: the build is
+        # renamed into place, and conda prefixes are not relocatable.
+        alternative_target_prefix=p.get("final_prefix") or None,
     )
     return {"installed": len(records)}
 

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..build import activate, toolchain
 from ..build.ktkernel.variants import check_override
 from ..errors import KtenvError
 from ..host import gpu as gpumod
@@ -27,7 +28,7 @@ from ..spec import inputs as spec_inputs
 from ..target import Target
 from . import amxint4
 from . import model as modelmod
-from . import sizing
+from . import sizing, tune
 
 # Flags the host fills in; a profile that sets them is overridden (with a note).
 HOST_FLAGS = ("model", "kt-weight-path", "kt-cpuinfer", "kt-threadpool-count", "tensor-parallel-size")
@@ -366,14 +367,29 @@ def command_for(target: Target, model: str, *, kt_weight_path: str | None = None
         model_facts, unsized = None, str(e)
     manifest = amxint4.read_manifest(kt_weight_path) if kt_weight_path else None
     amxint4.check_method(_given(_group_extra(_strip_dashdash(extra))), manifest, kt_weight_path or str(model))
+    act, tc = {}, {}
+    if python.exists() and not recorded:
+        # The server runs inside the env: its bin/ first on PATH (tvm-ffi runs `ninja` from PATH), a
+        # conda prefix's activation, and the CUDA toolkit `env` recorded for the JIT kernels.
+        tc = toolchain.for_env(spec.root, arch.name, target.prefix)
+        act = activate.changes(target.prefix, tc, os.environ)
+        act.pop("KT_KERNEL_CPU_VARIANT", None)  # decided below for the command's --kt-method (tune.launch_env)
     cmd = build_command(
         spec, arch.name, facts,
         model=str(model.absolute()), python=str(python),
         kt_weight_path=str(Path(kt_weight_path).absolute()) if kt_weight_path else None,
         speculative=speculative, extra=extra,
-        numactl=shutil.which("numactl"), user_env=dict(os.environ), require_gpu=not dry_run,
+        numactl=shutil.which("numactl", path=act.get("PATH")), user_env=dict(os.environ), require_gpu=not dry_run,
         stack_version=target.stack, model_facts=model_facts, kt_manifest=manifest,
     )
+    cmd.env.update(act)
+    if act and not tc.get("cuda_home"):
+        cmd.notes.append(f"No usable CUDA toolkit for this env: the first DeepSeek-V4 forward JIT-compiles kernels "
+                         f"and will fail. {tc.get('remedy') or ''} (`python build.py toolchain --arch {arch.name}`)")
+    if not recorded and facts.origin == "this host":  # a tuned variant is this CPU's, not another host's
+        tuned, notes = tune.launch_env(target.prefix, cmd.server_args, dict(os.environ))
+        cmd.env.update(tuned)
+        cmd.notes += notes
     if unsized:
         cmd.notes.append(f"The memory flags are envs/'s, not sized to the GPUs: {unsized}")
     if facts.origin != "this host":

@@ -12,10 +12,12 @@ envs/serve.toml and weights.py):
     experts   = floor(available / (MoE layers x one resident expert)), <= E
 
 The workload (requests, KV tokens, context, CUDA-graph batch sizes) scales
-with the GPU count (requests_per_gpu, graph_bs_per_gpu). When nothing fits,
-what the user did not ask for is given up in this order, each with a note:
-the EAGLE draft (net-negative on a single CPU-bound GPU upstream), then
-layerwise GPU prefill; then the command is refused with the numbers. An
+with the GPU count (requests_per_gpu, graph_bs_per_gpu). Layerwise GPU prefill
+is left off when its slots would take more than `layerwise_max_share` of the
+static pool. When nothing fits, what the user did not ask for is given up in
+this order, each with a note: the EAGLE draft (net-negative on a single
+CPU-bound GPU upstream), then layerwise GPU prefill; then the command is
+refused with the numbers. An
 explicit flag after `--` is taken as given and checked against the same
 budget; one that cannot fit is refused.
 """
@@ -171,8 +173,22 @@ def plan(cfg: dict, m: ModelFacts, arch: str, gpu_bytes: list[int], profile: dic
     tp, mem = len(gpu_bytes), min(gpu_bytes)
     notes: list[str] = list(m.notes)
     wl = workload(cfg, tp, profile, given, speculative, method)
+    if wl.speculative and not speculative_asked and tp < cfg["sizing"]["speculative_min_gpus"]:
+        wl = replace(wl, speculative=False)
+        notes.append(f"Left out EAGLE speculative decoding on {tp} GPU: upstream measured it net-negative on one "
+                     "CPU-bound GPU, and its draft keeps all routed experts on the GPU. `-- --speculative-algorithm "
+                     "EAGLE` asks for it (and is then checked).")
     fraction = _num(given, "mem-fraction-static", float)
     b = budget(cfg, m, arch, mem, tp, wl, fraction)
+    slots = b.reservation or b.lazy_slot
+    share = cfg["sizing"]["layerwise_max_share"]
+    if wl.threshold > 0 and "kt-gpu-prefill-token-threshold" not in given and slots > share * b.static:
+        wl = replace(wl, threshold=0)
+        b = budget(cfg, m, arch, mem, tp, wl, fraction)
+        notes.append(f"Set --kt-gpu-prefill-token-threshold 0 (no layerwise GPU prefill): its full-expert layer slots "
+                     f"would take {slots / GIB:.1f} GiB per GPU, more than {share:.0%} of the static pool, which "
+                     "resident experts use better; long prompts prefill on the CPU experts (as the validated "
+                     "single-RTX 5090 setting does). `-- --kt-gpu-prefill-token-threshold 4096` asks for it.")
     # Give up what was not asked for, in order, until the fixed costs fit.
     if b.available < 0 and wl.speculative and not speculative_asked:
         wl = replace(wl, speculative=False)

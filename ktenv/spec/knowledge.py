@@ -1,6 +1,7 @@
 """Stack knowledge from envs/: the model (model.toml), what the stack's code
 loads (loaders.toml), CUDA driver floors (cuda.toml), KT-Kernel's variants
-and build facts (ktkernel.toml), and how the server places weights (serve.toml).
+and build facts (ktkernel.toml), how the server places weights (serve.toml)
+and how `tune` measures (tune.toml).
 
 These are facts about upstream code and hardware, read from sources and
 measurements; each carries the stack range it was read for (and a reason
@@ -16,6 +17,7 @@ from packaging.version import InvalidVersion, Version
 from ..errors import SpecError
 from .model import ExpertShape, Knowledge, Known, KtKernel, Loaders, Model, PathNeed
 from .toml import check_keys, need, read, specifier
+from .toolchain import load as load_toolchain
 
 
 def _known(path: Path, table: dict, where: str, reason: bool = True) -> Known:
@@ -135,7 +137,7 @@ def _kt_kernel(root: Path) -> KtKernel:
 SERVE_KEYS = {
     "sizing": {"stack", "reserve_gib", "reserve_per_peer_gib", "mem_fraction_max", "mem_fraction_step",
                "margin_fraction", "kv_tokens", "requests_per_gpu", "graph_bs_per_gpu", "gpu_experts_per_layer",
-               "mxfp4_group", "layerwise_reserved_on", "draft_experts_on_gpu", "kv_fp8"},
+               "mxfp4_group", "layerwise_reserved_on", "layerwise_max_share", "draft_experts_on_gpu", "speculative_min_gpus", "kv_fp8"},
     "convert": {"script", "method", "merged", "decode_tok_s", "prefill32_tok_s", "lossy_rel_diff",
                 "emulation_tolerance"},
 }
@@ -154,5 +156,34 @@ def _serve(root: Path) -> dict:
     return data
 
 
+# envs/tune.toml: how `tune` measures kt-kernel's variants and decides (ktenv/serve/tune*.py).
+_NUM = (int, float)
+TUNE_KEYS = {
+    "bench": {"min_experts": int, "llc_multiple": _NUM, "decode_tokens": int, "prefill_chunk_fallback": int,
+              "rounds": int, "decode_seconds": _NUM, "decode_min_iters": int, "prefill_seconds": _NUM,
+              "prefill_min_iters": int, "reason": str, "evidence": list},
+    "decide": {"tie_margin": float, "advice_factor": float, "reason": str, "evidence": list},
+    "amxint4": {"stack": str, "kernel_vs_int4_emulation": float, "swiglu_clamp_dropped": bool, "reason": str,
+                "evidence": list},
+}
+
+
+def _tune(root: Path) -> dict:
+    """Every table and key known and typed, each table with its reason."""
+    path = root / "tune.toml"
+    data = read(path)
+    check_keys(path, data, set(TUNE_KEYS), "the top level")
+    for table, keys in TUNE_KEYS.items():
+        t = need(path, data, table, dict, "the file")
+        check_keys(path, t, set(keys), f"[{table}]")
+        for k, kind in keys.items():
+            v = need(path, t, k, kind, f"[{table}]")
+            if isinstance(v, bool) and kind is not bool:
+                raise SpecError(f"{path}: [{table}].{k} must be a number, got {v!r}.")
+    specifier(path, data["amxint4"]["stack"], "[amxint4].stack")
+    return data
+
+
 def load_knowledge(root: Path) -> Knowledge:
-    return Knowledge(_model(root), _loaders(root), _min_driver(root), _kt_kernel(root), _serve(root))
+    return Knowledge(_model(root), _loaders(root), _min_driver(root), _kt_kernel(root), _serve(root), _tune(root),
+                     load_toolchain(root))

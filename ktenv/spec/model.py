@@ -203,6 +203,8 @@ class Knowledge:
     min_driver: dict[str, str]  # CUDA version -> oldest Linux driver
     kt_kernel: KtKernel
     serve: dict  # envs/serve.toml as read (keys checked): launch sizing and convert
+    tune: dict  # envs/tune.toml as read (keys and types checked): how `tune` measures and decides
+    toolchain: object  # spec.toolchain.Policy (envs/toolchain.toml): the nvcc each arch needs, pinned toolkits
 
 
 @dataclass(frozen=True)

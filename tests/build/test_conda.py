@@ -1,374 +1,122 @@
-"""The conda layer, end to end against a local channel the tests build.
+"""`env --backend conda`: the conda prefix made from its lock, through the one build pipeline.
 
-No conda channel is reachable here, so tests/conda_channel.py builds real
-.conda archives of stand-in packages (named and versioned like the
-conda-forge ones, tiny payloads), indexes them with rattler and serves them
-over HTTP; the lock, the solve, the install and the PyPI layer on top are the
-real code paths. conda-lock's own parser and renderer check the lock.
+The channel (tests/conda_channel.py) is a local one of real .conda archives in
+conda-forge's layout: a real CPython (not a venv), pip, and NVIDIA's real CUDA
+12.4 nvcc when this machine has that toolkit. The fast tests drive the conda
+backend's own step (build/prefix.py, build/conda.py) with a one-wheel PyPI
+lock; the slow one builds the real sm90 env with `build.py env --backend
+conda`, enters it with conda_activate.activation and compiles a CUDA torch
+extension for sm_90a with the prefix's nvcc.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import http.server
-import importlib.util
 import json
+import os
 import shutil
 import subprocess
-import sys
-import threading
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import yaml
 
 import conda_channel
-from ktenv import tools
-from ktenv.build import conda as condabuild
-from ktenv.lock import conda
-from ktenv.lock.rattler import index_channel
+from build_helpers import CACHE_ENV
+from conda_fixtures import HOST_PY, channel, envs, needs_host_python, own_channel, pypi_lock, serve, spec, url  # noqa: F401
+from conftest import REPO, run_cli
 from ktenv import spec as specmod
-from ktenv.errors import KtenvError, LockStale, ResolveError, SpecError
-
-REPO = Path(__file__).resolve().parents[2]
-HOST_PY = "%d.%d" % sys.version_info[:2]
-
-
-@pytest.fixture(scope="session")
-def spec():
-    return specmod.load(REPO / "envs")
-
-
-@pytest.fixture(scope="session")
-def channel(tmp_path_factory):
-    return conda_channel.build_channel(tmp_path_factory.mktemp("conda") / "channel")
+from ktenv.build import conda as condabuild
+from ktenv.build import dists
+from ktenv.build.conda_activate import activation, scripts, shell_exports
+from ktenv.build.pipeline import Options, build
+from ktenv.build.prefix import CondaBackend, backend
+from ktenv.errors import KtenvError, LockStale
+from ktenv.lock import conda
+from ktenv.target import resolve
+from ktenv.tools import uv_bin
 
 
-@contextlib.contextmanager
-def serve(directory: Path):
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
+def target_for(spec, lock_root: Path, prefix: Path, arch="sm120"):
+    return resolve(spec, arch, lock_root=lock_root, prefix=prefix, follow_stamp=False)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture(scope="session")
-def url(channel):
-    with serve(channel) as u:
-        yield u
-
-
-@pytest.fixture
-def envs(tmp_path):
-    """A copy of envs/ a test may edit."""
-    dst = tmp_path / "envs"
-    shutil.copytree(REPO / "envs", dst)
-    return dst
-
-
-@pytest.fixture
-def own_channel(channel, tmp_path):
-    """A copy of the channel (packages and index) a test may change."""
-    dst = tmp_path / "channel"
-    shutil.copytree(channel, dst, symlinks=True)
-    return dst
-
-
-def needs_host_python(spec):
-    if HOST_PY not in spec.stack.python:
-        pytest.skip(f"the stand-in python wraps this interpreter ({HOST_PY}), which the stack does not target ({spec.stack.python})")
-
-
-def write_requirements(lock_dir: Path, wheels: Path) -> Path:
-    wheel = conda_channel.make_wheel(wheels)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    req = lock_dir / "requirements.txt"
-    req.write_text(f"--no-index\n--find-links {wheels}\nktenv-probe-pkg==0.1.0 --hash=sha256:{digest}\n")
-    return req
-
-
-def conda_lock_python(code: str, *args, cwd: Path) -> dict:
-    # -I: the repository root must not be on sys.path, because its build.py
-    # shadows the `build` package that conda-lock imports.
-    proc = subprocess.run([sys.executable, "-I", "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def conda_lock_defaults() -> dict[str, str]:
-    """conda-lock's built-in linux-64 virtual packages, read from its own data file."""
-    found = importlib.util.find_spec("conda_lock")
-    data = yaml.safe_load((Path(found.submodule_search_locations[0]) / "default-virtual-packages.yaml").read_text())
-    return {k: str(v) for k, v in data["subdirs"]["linux-64"]["packages"].items()}
-
-
-# --- inputs from envs/ --------------------------------------------------------
-
-def test_inputs_come_from_the_spec(spec):
-    for arch in spec.supported_archs():
-        inputs = conda.load_inputs(spec, arch)
-        assert inputs.virtual["__cuda"] == spec.stack.cuda
-        assert inputs.virtual["__glibc"] == spec.stack.platform.rsplit("manylinux_", 1)[1].replace("_", ".")
-        assert f"python {spec.stack.python[0]}.*" in inputs.specs
-        assert f"cuda-nvcc {spec.stack.cuda}.*" in inputs.specs
-        assert inputs.exclude_newer == spec.stack.release(None).exclude_newer
-    assert conda.load_inputs(spec, "sm90", python="3.12").specs != conda.load_inputs(spec, "sm90").specs
-
-
-def test_unsupported_arch_refused(spec):
-    with pytest.raises(SpecError, match="not supported"):
-        conda.load_inputs(spec, "sm86")
-
-
-def test_arch_cuda_above_stack_refused(envs):
-    text = (envs / "sm120.toml").read_text().replace('min_cuda = "12.8"', 'min_cuda = "13.0"')
-    (envs / "sm120.toml").write_text(text)
-    with pytest.raises(SpecError, match=r"sm120 needs CUDA >= 13.0 .* built for CUDA 12.8"):
-        conda.load_inputs(specmod.load(envs), "sm120")
-
-
-def test_conda_toml_may_not_set_cuda_or_glibc(envs):
-    (envs / "conda.toml").write_text((envs / "conda.toml").read_text().replace('__unix = "0"', '__unix = "0"\n__cuda = "11.4"'))
-    with pytest.raises(SpecError, match="sets __cuda, which ktenv derives itself"):
-        conda.load_inputs(specmod.load(envs), "sm90")
-
-
-def test_conda_toml_unknown_arch_and_placeholder(envs):
-    base = (envs / "conda.toml").read_text()
-    (envs / "conda.toml").write_text(base + '\n[arch.sm75.packages]\nfoo = "1"\n')
-    with pytest.raises(SpecError, match=r"\[arch.sm75\] names an arch that has no envs/sm75.toml"):
-        conda.load_inputs(specmod.load(envs), "sm90")
-    (envs / "conda.toml").write_text(base.replace('cmake = ">=3.16"', 'cmake = "{cmake}"'))
-    with pytest.raises(SpecError, match=r"cmake \('\{cmake\}'\) uses a placeholder other than"):
-        conda.load_inputs(specmod.load(envs), "sm90")
-
-
-def test_platform_without_manylinux_tag_refused(envs):
-    text = (envs / "stack.toml").read_text().replace('platform = "x86_64-manylinux_2_35"', 'platform = "x86_64-linux"')
-    (envs / "stack.toml").write_text(text)
-    with pytest.raises(SpecError, match="carries no manylinux_X_Y tag"):
-        conda.load_inputs(specmod.load(envs), "sm90")
-
-
-def test_channel_names_become_urls(tmp_path):
-    assert conda.channel_to_url("conda-forge") == "https://conda.anaconda.org/conda-forge"
-    assert conda.channel_to_url("http://mirror.example/conda-forge/") == "http://mirror.example/conda-forge"
-    assert conda.channel_to_url(str(tmp_path)) == tmp_path.as_uri()
-
-
-def test_missing_rattler_is_explained(tmp_path, monkeypatch):
-    # A Python where `import rattler` fails, as on a machine without py-rattler.
-    (tmp_path / "rattler").mkdir()
-    (tmp_path / "rattler" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'rattler'\")\n")
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    with pytest.raises(KtenvError, match="The conda backend needs py-rattler, which .* cannot import .*pip install py-rattler"):
-        index_channel(tmp_path / "channel")
-
-
-# --- solving: the virtual packages matter --------------------------------------
-
-def test_conda_lock_default_virtual_packages_are_too_old():
-    defaults = conda_lock_defaults()
-    assert defaults["__cuda"] == "11.4" and defaults["__glibc"] == "2.28"
-
-
-@pytest.mark.parametrize("probe, needs", [
-    ("ktenv-probe-cuda128", "__cuda >=12.8"),
-    ("ktenv-probe-glibc234", "__glibc >=2.34"),
-    ("cuda-version 12.8.*", "__cuda >=12"),  # conda-forge's own constraint
-])
-def test_virtual_package_spec_decides_the_solve(spec, url, probe, needs):
-    arch = conda.load_inputs(spec, "sm120", channel_url=url, exclude_newer=None)
-    default = conda.CondaInputs("sm120", "linux-64", (url,), (probe,), conda_lock_defaults(), "3.11", "11.4", None)
-    with pytest.raises(ResolveError, match="cannot be solved") as err:
-        conda.solve(default)
-    assert needs in str(err.value) and "__cuda 11.4, __glibc 2.28" in str(err.value)
-    records = conda.solve(conda.CondaInputs("sm120", "linux-64", (url,), (probe,), arch.virtual, "3.11", "12.8", None))
-    assert probe.split()[0] in [r["name"] for r in records]
-
-
-# --- the lock -------------------------------------------------------------------
-
-def test_lock_for_every_arch_pins_the_stack_cuda(spec, url, tmp_path):
-    needs_host_python(spec)
-    for arch in spec.supported_archs():
-        path = conda.lock(spec, arch, out_dir=tmp_path / arch, channel_url=url, python=HOST_PY, exclude_newer=None,
-                          progress=lambda *_: None)
-        pkgs = {p["name"]: p for p in yaml.safe_load(path.read_text())["package"]}
-        assert pkgs["cuda-nvcc"]["version"] == "12.8.93"  # 12.9.86 is in the channel too
-        assert pkgs["cuda-version"]["version"] == "12.8"
-        assert pkgs["gxx_linux-64"]["version"].startswith("13.")
-        assert {"python", "cmake", "libhwloc", "libnuma", "numactl", "libstdcxx", "cuda-cudart-dev"} <= set(pkgs)
-        assert all(p["hash"]["md5"] and p["hash"]["sha256"] and p["url"].startswith(url) for p in pkgs.values())
-
-
-def test_lock_is_read_by_conda_lock(spec, url, tmp_path):
-    path = conda.lock(spec, "sm120", out_dir=tmp_path, channel_url=url, exclude_newer=None, progress=lambda *_: None)
-    ours = {p["name"]: p for p in yaml.safe_load(path.read_text())["package"]}
-    parsed = conda_lock_python(
-        "import json, sys, pathlib\n"
-        "from conda_lock.lockfile import parse_conda_lock_file\n"
-        "from conda_lock.virtual_package import virtual_package_repo_from_specification\n"
-        "from conda_lock.src_parser.environment_yaml import parse_environment_file\n"
-        "d = pathlib.Path(sys.argv[1])\n"
-        "lf = parse_conda_lock_file(d / 'conda-lock.yml')\n"
-        "vp = virtual_package_repo_from_specification(d / 'conda-virtual-packages.yml')\n"
-        "env = parse_environment_file(d / 'conda-environment.yml', platforms=['linux-64'], mapping_url='unused-for-conda-deps')\n"
-        "print(json.dumps({'packages': {p.name: [p.version, p.url, p.hash.md5, p.hash.sha256, sorted(p.categories)] for p in lf.package},\n"
-        "  'platforms': lf.metadata.platforms,\n"
-        "  'virtual': sorted(vp.all_repodata['linux-64']['packages']),\n"
-        "  'specs': sorted(f'{x.name} {x.version}'.strip() for x in env.dependencies['linux-64'])}))\n",
-        tmp_path, cwd=tmp_path)
-    assert parsed["platforms"] == ["linux-64"]
-    assert set(parsed["packages"]) == set(ours)
-    for name, (version, purl, md5, sha, cats) in parsed["packages"].items():
-        assert [version, purl, md5, sha] == [ours[name]["version"], ours[name]["url"], ours[name]["hash"]["md5"], ours[name]["hash"]["sha256"]]
-        assert cats == ["main"]
-    assert "__cuda-12.8-0.tar.bz2" in parsed["virtual"] and "__glibc-2.35-0.tar.bz2" in parsed["virtual"]
-    assert sorted(conda.load_inputs(spec, "sm120", channel_url=url).specs) == parsed["specs"]
-
-
-def test_conda_lock_renders_an_explicit_file(spec, url, tmp_path):
-    """`conda-lock install` renders this before handing it to conda; only the conda executable is missing here."""
-    path = conda.lock(spec, "sm89", out_dir=tmp_path, channel_url=url, exclude_newer=None, progress=lambda *_: None)
-    proc = subprocess.run([sys.executable, "-I", "-m", "conda_lock", "render", "--kind", "explicit", "-p", "linux-64", path.name],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    explicit = (tmp_path / "conda-linux-64.lock").read_text().splitlines()
-    assert "@EXPLICIT" in explicit
-    urls = {f"{p['url']}#{p['hash']['md5']}" for p in yaml.safe_load(path.read_text())["package"]}
-    assert urls == {line for line in explicit if line.startswith("http")}
-
-
-def test_lock_is_byte_stable(spec, url, tmp_path):
-    a = conda.lock(spec, "sm90", out_dir=tmp_path / "a", channel_url=url, exclude_newer=None, progress=lambda *_: None)
-    b = conda.lock(spec, "sm90", out_dir=tmp_path / "b", channel_url=url, exclude_newer=None, progress=lambda *_: None)
-    for name in (conda.LOCK_FILE, conda.ENV_FILE, conda.VIRTUAL_FILE):
-        assert (a.parent / name).read_bytes() == (b.parent / name).read_bytes()
-
-
-def test_check_notices_a_changed_spec(envs, url, tmp_path):
-    spec = specmod.load(envs)
-    conda.lock(spec, "sm100", out_dir=tmp_path, channel_url=url, exclude_newer=None, progress=lambda *_: None)
-    conda.check(spec, "sm100", tmp_path, channel_url=url)
-    with pytest.raises(LockStale, match="channel"):
-        conda.check(spec, "sm100", tmp_path)  # the lock came from another channel than envs/conda.toml's
-    (envs / "conda.toml").write_text((envs / "conda.toml").read_text().replace('cmake = ">=3.16"', 'cmake = ">=3.20"'))
-    with pytest.raises(LockStale, match=r"out of date: envs/conda.toml.*build.py lock --arch sm100 --conda"):
-        conda.check(specmod.load(envs), "sm100", tmp_path, channel_url=url)
-
-
-def test_check_notices_a_changed_stack_cutoff(envs, url, tmp_path):
-    # The channel was indexed just now, so only a future cut-off lets it solve.
-    stack = (envs / "stack.toml").read_text()
-    (envs / "stack.toml").write_text(stack.replace('exclude_newer = "2026-11-20T00:00:00Z"', 'exclude_newer = "2030-01-01T00:00:00Z"'))
-    path = conda.lock(specmod.load(envs), "sm90", out_dir=tmp_path, channel_url=url, progress=lambda *_: None)
-    meta = yaml.safe_load(path.read_text())["metadata"]["custom_metadata"]
-    assert meta["ktenv_exclude_newer"] == "2030-01-01T00:00:00Z" and meta["ktenv_exclude_newer_from"] == "stack"
-    conda.check(specmod.load(envs), "sm90", tmp_path, channel_url=url)
-    (envs / "stack.toml").write_text(stack.replace('exclude_newer = "2026-11-20T00:00:00Z"', 'exclude_newer = "2031-01-01T00:00:00Z"'))
-    with pytest.raises(LockStale, match="cut-off"):
-        conda.check(specmod.load(envs), "sm90", tmp_path, channel_url=url)
-
-
-def test_cutoff_skips_packages_indexed_later(spec, own_channel, tmp_path):
-    time.sleep(1.1)
-    cutoff = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    time.sleep(1.1)
-    conda_channel.make_package(own_channel, "cmake", "3.99.0", "h_ktenv_0", depends=["libgcc >=13"])
-    index_channel(own_channel)
-    url = own_channel.as_uri()
-    with_cut = conda.lock(spec, "sm89", out_dir=tmp_path / "cut", channel_url=url, exclude_newer=cutoff, progress=lambda *_: None)
-    without = conda.lock(spec, "sm89", out_dir=tmp_path / "all", channel_url=url, exclude_newer=None, progress=lambda *_: None)
-    cmake = lambda p: next(x["version"] for x in yaml.safe_load(p.read_text())["package"] if x["name"] == "cmake")  # noqa: E731
-    assert cmake(with_cut) == "3.31.6" and cmake(without) == "3.99.0"
-    with pytest.raises(ResolveError, match="cut-off 2026-01-01T00:00:00Z .* stamps every package with its indexing time"):
-        conda.lock(spec, "sm89", out_dir=tmp_path / "none", channel_url=url, exclude_newer="2026-01-01T00:00:00Z", progress=lambda *_: None)
-
-
-# --- building the prefix ----------------------------------------------------------
 
 @pytest.fixture
 def locked(spec, url, tmp_path):
+    """lock/sm120 with the one-wheel PyPI lock and its conda lock made against the local channel."""
     needs_host_python(spec)
     lock_dir = tmp_path / "lock" / "sm120"
+    pypi_lock(lock_dir, tmp_path / "wheels")
     conda.lock(spec, "sm120", out_dir=lock_dir, channel_url=url, python=HOST_PY, exclude_newer=None, progress=lambda *_: None)
-    write_requirements(lock_dir, tmp_path / "wheels")
     return lock_dir
 
 
-def test_build_prefix_end_to_end(spec, url, locked, tmp_path):
-    prefix = tmp_path / "env"
-    lines = []
-    out = condabuild.build_conda_prefix(spec, "sm120", prefix, channel_url=url, progress=lines.append,
-                                   lock_dir=locked, cache_dir=tmp_path / "cache")
-    assert out == prefix.resolve()
-    lock = {p["name"]: p for p in yaml.safe_load((locked / conda.LOCK_FILE).read_text())["package"]}
-    # every locked package is installed, recorded under the lock's URL
-    recorded = {json.loads(m.read_text())["name"]: json.loads(m.read_text()) for m in (prefix / "conda-meta").glob("*.json")}
+def make(spec, url, lock_dir, tmp_path, requested=None):
+    """The conda backend's step alone: the prefix made in a build directory for a final path elsewhere."""
+    final = tmp_path / "final-env"
+    work = tmp_path / ".final-env.build"
+    t = target_for(spec, lock_dir.parent, final)
+    b = CondaBackend(t, requested, url, tmp_path / "cache")
+    made = b.make(work, final, uv_bin(), lambda *_: None)
+    return b, made, work, final
+
+
+def test_prefix_is_made_for_its_final_path(spec, url, locked, tmp_path):
+    b, made, work, final = make(spec, url, locked, tmp_path)
+    doc = yaml.safe_load((locked / conda.LOCK_FILE).read_text())
+    lock = {p["name"]: p for p in doc["package"] if p["manager"] == "conda"}
+    recorded = {json.loads(m.read_text())["name"]: json.loads(m.read_text()) for m in (work / "conda-meta").glob("*.json")}
     assert set(recorded) == set(lock)
-    assert all(recorded[n]["url"] == lock[n]["url"] and recorded[n]["version"] == lock[n]["version"] for n in lock)
-    # conda's prefix placeholder was rewritten to the real prefix
-    nvcc = subprocess.run([str(prefix / "bin" / "nvcc"), "--version"], capture_output=True, text=True, check=True).stdout
-    assert "release 12.8, V12.8.93" in nvcc
-    assert str(prefix.resolve()) in (prefix / "bin" / "nvcc").read_text()
-    assert (prefix / "lib/pkgconfig/hwloc.pc").read_text().startswith(f"prefix={prefix.resolve()}\n")
-    if shutil.which("pkg-config"):
-        got = subprocess.run(["pkg-config", "--variable=prefix", "hwloc"], capture_output=True, text=True, check=True,
-                             env={"PKG_CONFIG_PATH": str(prefix / "lib/pkgconfig"), "PATH": "/usr/bin:/bin"}).stdout.strip()
-        assert got == str(prefix.resolve())
-    # the PyPI layer is in the conda python's site-packages and imports
-    probe = ("import sys, ktenv_probe_pkg; print(sys.prefix); print(ktenv_probe_pkg.VALUE); "
-             "print(ktenv_probe_pkg.__file__)")
-    got = subprocess.run([str(prefix / "bin/python"), "-c", probe], capture_output=True, text=True, check=True).stdout.split()
-    assert got[0] == str(prefix.resolve()) and got[1] == "42"
-    assert got[2].startswith(str(prefix.resolve() / "lib" / f"python{HOST_PY}" / "site-packages"))
-    # the stand-in CUDA runtime is a real shared library and loads from the prefix
-    if (prefix / "lib/libcudart.so.12").exists():
-        load = ("import ctypes, sys; lib = ctypes.CDLL(sys.prefix + '/lib/libcudart.so'); v = ctypes.c_int(); "
-                "lib.cudaRuntimeGetVersion(ctypes.byref(v)); print(v.value)")
-        assert subprocess.run([str(prefix / "bin/python"), "-c", load], capture_output=True, text=True, check=True).stdout.strip() == "12080"
-    stamp = json.loads((prefix / conda.STAMP).read_text())
-    assert stamp["state"] == "complete" and stamp["arch"] == "sm120"
-    assert any("PyPI layer" in line for line in lines)
-    # a second build replaces the prefix it made before
-    (prefix / "leftover").write_text("x")
-    condabuild.build_conda_prefix(spec, "sm120", prefix, channel_url=url, progress=lambda *_: None, lock_dir=locked, cache_dir=tmp_path / "cache")
-    assert not (prefix / "leftover").exists() and (prefix / "bin/python").exists()
+    assert all(recorded[n]["url"] == lock[n]["url"] for n in lock)
+    # Linked into the build directory, but every placeholder names the final prefix.
+    assert (work / "lib/pkgconfig/hwloc.pc").read_text().startswith(f"prefix={final}\n")
+    assert str(final) in (work / "bin/nvcc").read_text() and str(work) not in (work / "bin/nvcc").read_text()
+    sysconfig = next((work / "lib").glob(f"python{HOST_PY}/_sysconfigdata_*.py"))
+    assert f"'{final}" in sysconfig.read_text() and str(work) not in sysconfig.read_text()
+    # A real interpreter, not a venv: no pyvenv.cfg, its own libpython through $ORIGIN/../lib.
+    assert not (work / "pyvenv.cfg").exists()
+    probe = "import sys, sysconfig; print(sys.prefix, sys.base_prefix, sysconfig.get_config_var('LIBDIR'))"
+    out = subprocess.run([str(made.python), "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1] == str(work) and out[2] == str(final / "lib")
+    libs = subprocess.run(["ldd", str(work / f"bin/python{HOST_PY}")], capture_output=True, text=True).stdout
+    assert f"{work}/bin/../lib/libpython" in libs or "libpython" not in libs
+    assert made.version == HOST_PY and made.python_path == str(final / "bin" / "python")
+    assert "numactl" in b._files.values() and "bin/numactl" in b._files
+    # conda-forge's CUDA layout: headers and the runtime under targets/x86_64-linux, nothing in include/
+    assert (work / "targets/x86_64-linux/include/cuda_runtime_api.h").exists()
+    assert not list((work / "include").glob("cuda*.h"))
+    assert (work / "lib/libcudart.so").resolve() == (work / "targets/x86_64-linux/lib/libcudart.so.12.8.90").resolve()
+    assert b.want()["backend"] == "conda" and b.want()["conda_lock_sha256"].startswith("sha256:")
 
 
-def test_pypi_layer_failure_and_hook(spec, url, locked, tmp_path):
-    req = locked / "requirements.txt"
-    good = req.read_text()
-    req.write_text(good.replace("--hash=sha256:", "--hash=sha256:0000"))  # a wheel that is not the locked one
-    prefix = tmp_path / "env"
-    with pytest.raises(KtenvError, match=r"uv could not install the PyPI layer .* The conda packages are in place"):
-        condabuild.build_conda_prefix(spec, "sm120", prefix, channel_url=url, progress=lambda *_: None,
-                                 lock_dir=locked, cache_dir=tmp_path / "cache")
-    assert json.loads((prefix / conda.STAMP).read_text())["state"] == "building"  # not taken for a finished env
-    req.write_text(good)
-    calls = []
+def _pypi(uv, python, *wheels):
+    subprocess.run([uv, "pip", "install", "--no-deps", "--python", str(python), *map(str, wheels)],
+                   check=True, capture_output=True)
 
-    def pypi_layer(python, where):
-        calls.append((python, where))
-        subprocess.run([tools.uv_bin(), "pip", "sync", "--python", str(python), str(req)], check=True, capture_output=True)
 
-    condabuild.build_conda_prefix(spec, "sm120", prefix, channel_url=url, progress=lambda *_: None, lock_dir=locked,
-                             cache_dir=tmp_path / "cache", pypi_layer=pypi_layer)
-    assert calls == [(prefix.resolve() / "bin/python", prefix.resolve())]
-    assert json.loads((prefix / conda.STAMP).read_text())["state"] == "complete"
+def test_a_pypi_package_over_a_conda_file_is_refused_by_name(spec, url, locked, tmp_path):
+    b, made, work, final = make(spec, url, locked, tmp_path)
+    b.after_pypi(work)  # nothing of PyPI's yet: clean
+    # A PyPI `pip` would replace the conda package's pip files.
+    fake = conda_channel.make_wheel(tmp_path / "w", "pip", "99.0")
+    _pypi(uv_bin(), made.python, fake)
+    with pytest.raises(KtenvError, match=r"(?s)The PyPI layer would replace files of the conda layer .*PyPI distributions: "
+                       r"pip\).*conda package pip, (overwritten by PyPI pip 99.0|removed by the PyPI layer).*drop it from envs/conda.toml"):
+        b.after_pypi(work)
+
+
+def test_console_scripts_point_at_the_final_prefix(spec, url, locked, tmp_path):
+    b, made, work, final = make(spec, url, locked, tmp_path)
+    _pypi(uv_bin(), made.python, conda_channel.make_wheel(tmp_path / "w", "ktenv_scripted", "1.0", script=True))
+    script = work / "bin" / "ktenv-probe"
+    assert str(work) in script.read_text().splitlines()[0]
+    report = b.before_swap(work, final)
+    assert report["conda"]["relocated_scripts"] == 1
+    assert script.read_text().splitlines()[0] == f"#!{final}/bin/python"
+    # RECORD follows the rewrite, so the import tier's RECORD check stays true.
+    dist = dists.installed(dists.site_packages(work))["ktenv-scripted"]
+    row = next(r for r in dists.read_record(dist) if r[0].endswith("bin/ktenv-probe"))
+    assert row[1] == dists.b64_digest(script.read_bytes())
 
 
 @pytest.mark.parametrize("how", ["http", "file"])
@@ -376,16 +124,14 @@ def test_tampered_package_is_refused(spec, own_channel, tmp_path, how):
     needs_host_python(spec)
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(serve(own_channel)) if how == "http" else own_channel.as_uri()
-        lock_dir = tmp_path / "lock"
+        lock_dir = tmp_path / "lock" / "sm120"
+        pypi_lock(lock_dir, tmp_path / "wheels")
         conda.lock(spec, "sm120", out_dir=lock_dir, channel_url=url, python=HOST_PY, exclude_newer=None, progress=lambda *_: None)
-        write_requirements(lock_dir, tmp_path / "wheels")
         # The channel now serves other bytes under the locked file name.
-        shutil.copy(own_channel / "linux-64/cuda-nvcc-12.9.86-h_ktenv_0.conda", own_channel / "linux-64/cuda-nvcc-12.8.93-h_ktenv_0.conda")
-        prefix = tmp_path / "env"
-        with pytest.raises(KtenvError, match=r"cuda-nvcc-12.8.93-h_ktenv_0.conda does not match the lock: sha256 .*Nothing was installed"):
-            condabuild.build_conda_prefix(spec, "sm120", prefix, channel_url=url, progress=lambda *_: None,
-                                     lock_dir=lock_dir, cache_dir=tmp_path / "cache")
-        assert not prefix.exists()
+        shutil.copy(own_channel / "linux-64/cuda-nvcc-tools-12.9.86-h_ktenv_0.conda", own_channel / "linux-64/cuda-nvcc-tools-12.8.93-h_ktenv_0.conda")
+        with pytest.raises(KtenvError, match=r"cuda-nvcc-tools-12.8.93-h_ktenv_0.conda does not match the lock: sha256 .*Nothing was installed"):
+            make(spec, url, lock_dir, tmp_path)
+        assert not (tmp_path / ".final-env.build").exists()
 
 
 @pytest.mark.parametrize("override, message", [
@@ -396,93 +142,153 @@ def test_host_older_than_the_lock_is_refused(spec, url, locked, tmp_path, monkey
     for k, v in override.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(KtenvError, match=message):
-        condabuild.build_conda_prefix(spec, "sm120", tmp_path / "env", channel_url=url, progress=lambda *_: None,
-                                 lock_dir=locked, cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "env").exists()
+        make(spec, url, locked, tmp_path)
 
 
-def test_foreign_prefix_is_not_deleted(spec, url, locked, tmp_path):
+def test_pipeline_refuses_before_building(spec, url, locked, tmp_path):
+    """Through pipeline.build: a foreign prefix is not touched; --python other than the lock's is refused; a stale lock too."""
     prefix = tmp_path / "mine"
     prefix.mkdir()
     (prefix / "precious.txt").write_text("keep")
-    with pytest.raises(KtenvError, match="was not made by ktenv's conda backend"):
-        condabuild.build_conda_prefix(spec, "sm120", prefix, channel_url=url, progress=lambda *_: None,
-                                 lock_dir=locked, cache_dir=tmp_path / "cache")
+    t = target_for(spec, locked.parent, prefix)
+    with pytest.raises(KtenvError, match="is not an env ktenv built"):
+        build(t, Options(backend="conda", channel=url, conda_cache=tmp_path / "cache"), lambda *_: None)
     assert (prefix / "precious.txt").read_text() == "keep"
+    other = "3.12" if HOST_PY != "3.12" else "3.11"
+    with pytest.raises(KtenvError, match=rf"--python {other} asks for Python {other}, but with --backend conda the interpreter "
+                       r"is the conda lock's python .*--python"):
+        backend(t, "conda", other, url)
+    with pytest.raises(KtenvError, match="--channel is for --backend conda"):
+        backend(t, "uv", None, url)
+    with pytest.raises(LockStale, match="channel"):
+        backend(t, "conda", None, None)  # the lock was made against the local channel, not envs/conda.toml's
 
 
 def test_missing_or_stale_locks_are_refused(envs, url, locked, tmp_path):
-    spec = specmod.load(envs)
-    (locked / "requirements.txt").rename(locked / "elsewhere.txt")
-    with pytest.raises(KtenvError, match=r"no PyPI lock for sm120. Write it first: python build.py lock --arch sm120"):
-        condabuild.build_conda_prefix(spec, "sm120", tmp_path / "env", channel_url=url, progress=lambda *_: None, lock_dir=locked)
-    (locked / "elsewhere.txt").rename(locked / "requirements.txt")
-    with pytest.raises(KtenvError, match=r"no conda lock. Write it with"):
-        condabuild.build_conda_prefix(spec, "sm120", tmp_path / "env", channel_url=url, progress=lambda *_: None, lock_dir=tmp_path / "nothing")
+    t = target_for(specmod.load(envs), locked.parent, tmp_path / "env")
     (envs / "conda.toml").write_text((envs / "conda.toml").read_text().replace('numactl = "*"', 'numactl = ">=2"'))
-    with pytest.raises(LockStale):
-        condabuild.build_conda_prefix(specmod.load(envs), "sm120", tmp_path / "env", channel_url=url, progress=lambda *_: None, lock_dir=locked)
-    assert not (tmp_path / "env").exists()
+    with pytest.raises(LockStale, match="out of date"):
+        backend(target_for(specmod.load(envs), locked.parent, tmp_path / "env"), "conda", None, url)
+    (locked / conda.LOCK_FILE).unlink()
+    with pytest.raises(KtenvError, match=r"no conda lock. Write it with"):
+        backend(t, "conda", None, url)
 
 
 def test_lock_entry_without_hash_is_refused(spec, url, locked, tmp_path):
-    text = (locked / conda.LOCK_FILE).read_text()
-    doc = yaml.safe_load(text)
+    doc = yaml.safe_load((locked / conda.LOCK_FILE).read_text())
     doc["package"][0]["hash"].pop("sha256")
     (locked / conda.LOCK_FILE).write_text(yaml.safe_dump(doc, sort_keys=False))
     with pytest.raises(KtenvError, match=f"the entry for {doc['package'][0]['name']} lacks an md5 and sha256"):
-        condabuild.build_conda_prefix(spec, "sm120", tmp_path / "env", channel_url=url, progress=lambda *_: None, lock_dir=locked)
+        backend(target_for(spec, locked.parent, tmp_path / "env"), "conda", None, url)
 
 
-def test_python_that_is_not_the_prefix_is_refused(spec, own_channel, tmp_path):
-    """A python whose sys.prefix is elsewhere would make uv install the PyPI layer outside the env."""
-    needs_host_python(spec)
-    version, files = conda_channel.python_shim(sys.executable, venv_cfg=False)
-    conda_channel.make_package(own_channel, "python", version, "h_ktenv_0", depends=["__glibc >=2.17,<3.0.a0", "libgcc >=13"], files=files)
-    index_channel(own_channel, force=True)
-    url = own_channel.as_uri()
-    lock_dir = tmp_path / "lock"
-    conda.lock(spec, "sm120", out_dir=lock_dir, channel_url=url, python=HOST_PY, exclude_newer=None, progress=lambda *_: None)
-    write_requirements(lock_dir, tmp_path / "wheels")
-    with pytest.raises(KtenvError, match=r"reports sys.prefix .*uv would install the PyPI layer into another environment"):
-        condabuild.build_conda_prefix(spec, "sm120", tmp_path / "env", channel_url=url, progress=lambda *_: None,
-                                 lock_dir=lock_dir, cache_dir=tmp_path / "cache")
+# --- activation -------------------------------------------------------------------
+
+def test_activation_gives_what_conda_activate_would(spec, url, locked, tmp_path):
+    b, made, work, final = make(spec, url, locked, tmp_path)
+    env = activation(work, base={"PATH": "/usr/bin:/bin"})
+    assert env["PATH"] == f"{work}/bin:/usr/bin:/bin" and env["CONDA_PREFIX"] == str(work)
+    assert env["CUDA_HOME"] == env["CUDA_PATH"] == str(work)
+    inc = f"{work}/targets/x86_64-linux/include"
+    assert env["CUDA_INC_PATH"] == inc and env["CPATH"].split(os.pathsep)[0] == inc
+    # from the compilers' and cuda-nvcc's activate.d scripts, in conda's order (~cuda-nvcc last)
+    assert [p.name for p in scripts(work)][-1] == "~cuda-nvcc_activate.sh"
+    assert env["CC"] == f"{work}/bin/x86_64-conda-linux-gnu-cc" and env["CXX"] == f"{work}/bin/x86_64-conda-linux-gnu-c++"
+    assert env["NVCC_PREPEND_FLAGS"].strip() == f"-ccbin={env['CXX']}"
+    assert f"-I{inc}" in env["CXXFLAGS"]
+    # the exports a shell can eval give the same
+    out = subprocess.run(["bash", "-c", shell_exports(env) + 'printf %s "$CXX"'], capture_output=True, text=True, env={}).stdout
+    assert out == env["CXX"]
 
 
+def test_activation_puts_targets_include_where_gcc_looks(spec, url, locked, tmp_path):
+    """conda-forge's CUDA headers are under targets/x86_64-linux/include: not found without activation (pytorch#144690)."""
+    b, made, work, final = make(spec, url, locked, tmp_path)
+    src = tmp_path / "use_cuda.cpp"
+    src.write_text("#include <cuda_runtime_api.h>\nint main() { int v = 0; return cudaRuntimeGetVersion(&v); }\n")
+    base = {"PATH": os.environ["PATH"], "CUDA_HOME": str(work)}
+    compile_ = ["g++", "-fsyntax-only", str(src)]
+    plain = subprocess.run(compile_, capture_output=True, text=True, env=base)
+    assert plain.returncode != 0 and "cuda_runtime_api.h" in plain.stderr
+    active = subprocess.run(compile_, capture_output=True, text=True, env={**base, **activation(work, base=base)})
+    assert active.returncode == 0, active.stderr
+
+
+def test_a_failing_activation_script_is_named(spec, url, locked, tmp_path):
+    b, made, work, final = make(spec, url, locked, tmp_path)
+    (work / "etc/conda/activate.d/zz-broken.sh").write_text("false\n")
+    with pytest.raises(KtenvError, match=r"(?s)An activation script of .* failed.*zz-broken.sh"):
+        activation(work)
+    with pytest.raises(KtenvError, match="not a conda prefix"):
+        activation(tmp_path)
+
+
+# --- the real sm90 env through `build.py env --backend conda` ----------------------
+
+EXT = REPO / "tests" / "fixtures" / "conda" / "cuda_ext.py"
+
+
+@pytest.fixture(scope="module")
+def conda_env(tmp_path_factory, channel):
+    toolkit = conda_channel.cuda12_toolkit()
+    if toolkit is None:
+        pytest.skip("no CUDA 12 toolkit on this machine to repackage as conda-forge's cuda-nvcc 12.4 (the toolchain "
+                    "step provisions it: `build.py toolchain --arch sm90 --provision`, or set KTENV_TEST_CUDA12_HOME)")
+    root = tmp_path_factory.mktemp("conda-env")
+    envs_dir = root / "envs"
+    shutil.copytree(REPO / "envs", envs_dir)
+    # The real nvcc here is 12.4 (the stack's 12.8 has no source reachable from this machine); same major as torch's.
+    with (envs_dir / "conda.toml").open("a") as f:
+        f.write('\n[arch.sm90.packages]\ncuda-version = "12.4.*"\ncuda-nvcc = "12.4.*"\ncuda-cudart-dev = "12.4.*"\n')
+    lock_root = root / "lock"
+    shutil.copytree(REPO / "lock" / "sm90", lock_root / "sm90")
+    with serve(channel) as u:
+        conda.lock(specmod.load(envs_dir), "sm90", out_dir=lock_root / "sm90", channel_url=u, exclude_newer=None,
+                   progress=lambda *_: None)
+        prefix = root / "sm90"
+        args = ["env", "--arch", "sm90", "--envs", str(envs_dir), "--lock-dir", str(lock_root), "--prefix", str(prefix),
+                "--backend", "conda", "--channel", u]
+        first = run_cli(*args, "--json", env=CACHE_ENV, timeout=1200)
+        again = run_cli(*args, env=CACHE_ENV, timeout=600)
+    yield prefix, first, again
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
 @pytest.mark.network
-def test_pypi_layer_from_pypi(spec, url, tmp_path):
-    """The PyPI layer from the real index: a hash-locked wheel uv downloads into the conda prefix."""
-    needs_host_python(spec)
-    lock_dir = tmp_path / "lock"
-    conda.lock(spec, "sm89", out_dir=lock_dir, channel_url=url, python=HOST_PY, exclude_newer=None, progress=lambda *_: None)
-    (tmp_path / "in.txt").write_text("six==1.17.0\n")
-    subprocess.run([tools.uv_bin(), "pip", "compile", str(tmp_path / "in.txt"), "--generate-hashes", "--python-version", HOST_PY,
-                    "-q", "-o", str(lock_dir / "requirements.txt")], check=True)
-    prefix = condabuild.build_conda_prefix(spec, "sm89", tmp_path / "env", channel_url=url, progress=lambda *_: None, lock_dir=lock_dir)
-    got = subprocess.run([str(prefix / "bin/python"), "-c", "import six, sys; print(six.__version__, sys.prefix)"],
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert got == ["1.17.0", str(prefix)]
+def test_conda_env_is_the_same_pipeline(conda_env):
+    prefix, first, again = conda_env
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads(first.stdout)
+    assert report["status"] == "built" and report["backend"] == "conda" and report["pip_check"] == "clean"
+    assert report["kt_kernel"]["verified"] and report["payload"]["present"] and report["patches"]["changes"]
+    assert report["conda"]["relocated_scripts"] > 0
+    for step in ("conda: linking", "sync: Installed", "patches:", "payload:", "checks: uv pip check clean", "done:"):
+        assert step in first.stderr, step
+    stamp = json.loads((prefix / "ktenv-stamp.json").read_text())
+    assert stamp["backend"] == "conda" and stamp["conda_lock_sha256"].startswith("sha256:")
+    assert "up to date" in again.stdout, again.stdout + again.stderr
+    # the interpreter is the conda one, at the final path; console scripts run
+    assert not (prefix / "pyvenv.cfg").exists()
+    out = subprocess.run([str(prefix / "bin/torchrun"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-500:]
 
 
-# --- the same lock with the conda tools, where they exist ------------------------
+@pytest.mark.slow
+@pytest.mark.network
+def test_activated_conda_env_compiles_a_cuda_torch_extension(conda_env, tmp_path):
+    """Through activation, the prefix's real nvcc 12.4 and the env's torch build an sm_90a extension (compile only)."""
+    prefix, first, _ = conda_env
+    assert first.returncode == 0, first.stderr[-3000:]
+    env = {**os.environ, **activation(prefix), "TORCH_CUDA_ARCH_LIST": "9.0a", "MAX_JOBS": "2"}
+    p = subprocess.run([str(prefix / "bin/python"), str(EXT), str(tmp_path / "build")], capture_output=True, text=True,
+                       env=env, timeout=1800)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(p.stdout.split("KTENV-RESULT ", 1)[1])
+    assert r["cuda_home"] == str(prefix) and r["nvcc_line"] == f"nvcc = {prefix}/bin/nvcc"
+    assert r["cxx_line"] == f"cxx = {prefix}/bin/x86_64-conda-linux-gnu-c++"
+    assert f"-isystem {prefix}/targets/x86_64-linux/include" in r["cuda_cflags"] and "code=sm_90a" in r["cuda_cflags"]
+    from ktenv.check.cuobjdump import find_cuobjdump, list_codes
 
-def test_micromamba_installs_the_lock(spec, url, tmp_path):
-    exe = shutil.which("micromamba")
-    if not exe:
-        pytest.skip("no micromamba executable on this machine (none installs from PyPI or Debian); "
-                    "the lock is checked with conda-lock's own parser and renderer instead")
-    path = conda.lock(spec, "sm120", out_dir=tmp_path, channel_url=url, exclude_newer=None, progress=lambda *_: None)
-    subprocess.run([exe, "create", "-y", "-p", str(tmp_path / "mm"), "-f", str(path)], check=True)
-    assert (tmp_path / "mm/bin/nvcc").exists()
-
-
-def test_conda_lock_solves_the_same(spec, url, tmp_path):
-    exe = next((shutil.which(x) for x in ("micromamba", "mamba", "conda") if shutil.which(x)), None)
-    if not exe:
-        pytest.skip("conda-lock's solver shells out to conda/mamba/micromamba, and none is installed here")
-    ours = conda.lock(spec, "sm120", out_dir=tmp_path, channel_url=url, exclude_newer=None, progress=lambda *_: None)
-    subprocess.run([sys.executable, "-I", "-m", "conda_lock", "lock", "--conda", exe, "-f", conda.ENV_FILE,
-                    "--virtual-package-spec", conda.VIRTUAL_FILE, "-p", "linux-64", "--lockfile", "theirs.yml"],
-                   cwd=tmp_path, check=True)
-    pick = lambda p: {(x["name"], x["version"]) for x in yaml.safe_load(p.read_text())["package"]}  # noqa: E731
-    assert pick(ours) == pick(tmp_path / "theirs.yml")
+    codes = list_codes(find_cuobjdump()[0], Path(r["library"]))
+    assert codes["sass"] == {"sm_90a": 1}, codes

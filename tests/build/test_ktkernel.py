@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ktenv import spec as specmod
-from ktenv.build.ktkernel import install, source, variants, verify
+from ktenv.build.ktkernel import install, prereq, source, variants, verify
 from ktenv.host import cpu as hostinfo
 from ktenv import probe
 from ktenv.probe import PROBES
@@ -244,11 +244,11 @@ def standin(tmp_path: Path, submodules: bool = True) -> Path:
 
 
 def test_prerequisites_missing_submodules_and_not_a_checkout(tmp_path):
-    problems = source.check_build_prerequisites(KT, standin(tmp_path, submodules=False), sys.executable, "avx2")
+    problems = prereq.check_build_prerequisites(KT, standin(tmp_path, submodules=False), sys.executable, "avx2")
     text = "\n".join(problems)
     assert "third_party/pybind11 is empty" in text and "third_party/llama.cpp is empty" in text
     assert "submodule update --init third_party/pybind11 third_party/llama.cpp" in text
-    problems = source.check_build_prerequisites(KT, tmp_path / "nowhere", sys.executable, "avx2")
+    problems = prereq.check_build_prerequisites(KT, tmp_path / "nowhere", sys.executable, "avx2")
     assert any("is not a ktransformers checkout" in p for p in problems)
 
 
@@ -257,7 +257,7 @@ def test_prerequisites_missing_tools_each_named(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
     env = {"PATH": str(empty), "HOME": str(tmp_path)}
-    problems = "\n".join(source.check_build_prerequisites(KT, standin(tmp_path), sys.executable, "avx2", env))
+    problems = "\n".join(prereq.check_build_prerequisites(KT, standin(tmp_path), sys.executable, "avx2", env))
     assert "pkg-config is not on PATH" in problems
     assert "cmake is not on PATH" in problems
     if not Path("/usr/local/cuda/bin/nvcc").exists() and not Path("/usr/bin/nvcc").exists():
@@ -268,18 +268,18 @@ def test_prerequisites_hwloc_not_found(tmp_path):
     if not shutil.which("pkg-config"):
         pytest.skip("pkg-config is not installed here")
     env = dict(os.environ, PKG_CONFIG_LIBDIR=str(tmp_path), PKG_CONFIG_PATH="")
-    problems = source.check_build_prerequisites(KT, standin(tmp_path), sys.executable, "avx2", env)
+    problems = prereq.check_build_prerequisites(KT, standin(tmp_path), sys.executable, "avx2", env)
     assert any("pkg-config cannot find hwloc" in p and "libhwloc-dev" in p for p in problems)
 
 
 def test_prerequisites_old_or_missing_setuptools(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    problems = source.check_build_prerequisites(KT, standin(tmp_path), str(venv / "bin/python"), "avx2")
+    problems = prereq.check_build_prerequisites(KT, standin(tmp_path), str(venv / "bin/python"), "avx2")
     assert any("setuptools is not installed in the build python" in p for p in problems)
     import setuptools
-    if source._version_tuple(setuptools.__version__) < KT.min_setuptools:
-        problems = source.check_build_prerequisites(KT, standin(tmp_path / "b"), sys.executable, "avx2")
+    if prereq._version_tuple(setuptools.__version__) < KT.min_setuptools:
+        problems = prereq.check_build_prerequisites(KT, standin(tmp_path / "b"), sys.executable, "avx2")
         assert any(f"setuptools {setuptools.__version__}" in p and "too old" in p for p in problems)
 
 
@@ -290,13 +290,13 @@ def test_prerequisites_compiler_without_numa_headers(tmp_path):
     wrapper = tmp_path / "g++-nosysroot"
     wrapper.write_text(f"#!/bin/sh\nexec /usr/bin/g++ --sysroot={tmp_path / 'empty'} \"$@\"\n")
     wrapper.chmod(0o755)
-    problems = source.check_build_prerequisites(KT, standin(tmp_path), sys.executable, "avx2", cxx=str(wrapper))
+    problems = prereq.check_build_prerequisites(KT, standin(tmp_path), sys.executable, "avx2", cxx=str(wrapper))
     assert any("cannot find numa.h" in p and "apt install libnuma-dev" in p for p in problems), problems
 
 
 def test_prerequisites_pass_on_a_complete_checkout_here(tmp_path, stack_python):
     ENV_PYTHON = str(stack_python)  # the env has setuptools >= 77 (the lock pins it)
-    problems = source.check_build_prerequisites(KT, standin(tmp_path), ENV_PYTHON, HOST_BEST)
+    problems = prereq.check_build_prerequisites(KT, standin(tmp_path), ENV_PYTHON, HOST_BEST)
     missing = [p for p in problems if any(w in p for w in ("hwloc", "numa", "nvcc", "cublas", "pkg-config"))]
     if missing:
         pytest.skip("system build dependencies absent here (CI installs libhwloc-dev libnuma-dev pkg-config): "

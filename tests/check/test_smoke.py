@@ -38,11 +38,13 @@ FIX = REPO / "tests" / "fixtures" / "smoke"
 
 # --- fast: parsing, the server lifecycle -----------------------------------------
 
-def _fake(tmp_path, mode):
+def _fake(tmp_path, mode, **kw):
     port = smoke_server.free_port()
     pidfile = tmp_path / "child.pid"
     argv = [sys.executable, str(FIX / "fake_server.py"), mode, str(port), str(pidfile)]
-    return smoke_server.ServerRun(argv, dict(os.environ), port, tmp_path / "server.log"), pidfile
+    run = smoke_server.ServerRun(argv, dict(os.environ), port, tmp_path / "server.log",
+                                 kt_layers=[0, 1, 2, 3], kt_experts=256, **kw)
+    return run, pidfile
 
 
 def _gone(pid: int, within: float = 10) -> bool:
@@ -56,13 +58,30 @@ def _gone(pid: int, within: float = 10) -> bool:
     return False
 
 
+def _pid(pidfile: Path, within: float = 10) -> int:
+    t = time.monotonic()
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() - t < within, "the fake server wrote no child pid"
+        time.sleep(0.05)
+    return int(pidfile.read_text())
+
+
+def _step(rep, name):
+    hits = [s for s in rep["steps"] if s["step"] == name]
+    assert hits, f"no step {name!r} in {[s['step'] for s in rep['steps']]}"
+    return hits[0]
+
+
 def test_server_run_start_wait_ask_stop(tmp_path):
     run, pidfile = _fake(tmp_path, "ok")
     rep = run.check(deadline=30, prompt="hello")
     assert rep["ok"], rep
-    assert [s["step"] for s in rep["steps"]] == ["start", "health", "generate", "chat", "stop"]
-    assert "8 tokens back (asked 8)" in rep["summary"]
-    assert _gone(int(pidfile.read_text())), "the server's child process outlived stop()"
+    assert [s["step"] for s in rep["steps"]] == ["start", "health", "generate", "chat", "distinct tokens", "stop",
+                                                 "KT loader"]
+    assert "8 tokens back (asked 8), logprobs finite" in rep["summary"]
+    assert "kt-kernel loaded 256 experts of each of the 4 layers" in rep["summary"]
+    assert _gone(_pid(pidfile)), "the server's child process outlived stop()"
+    assert not smoke_server.port_in_use(run.port)
     assert "fake server: mode ok" in (tmp_path / "server.log").read_text()
 
 
@@ -80,30 +99,98 @@ def test_server_run_gives_up_at_the_deadline(tmp_path):
     rep = run.check(deadline=3, prompt="hello")
     assert not rep["ok"] and time.monotonic() - t < 20
     assert "not healthy within 3 s (last: HTTP 503" in rep["summary"]
-    assert _gone(int(pidfile.read_text()))
+    assert _gone(_pid(pidfile))
 
 
 def test_server_run_checks_the_token_count(tmp_path):
     run, _ = _fake(tmp_path, "short")
     rep = run.check(deadline=30, prompt="hello")
     assert not rep["ok"]
-    assert rep["summary"].startswith("generate failed: HTTP 200, 2 tokens back (asked 8)")
-    assert [s["ok"] for s in rep["steps"] if s["step"] == "chat"] == [True]  # both requests are made
+    assert rep["summary"].startswith("generate failed: 2 tokens back (asked 8)")
+    assert _step(rep, "chat")["ok"]  # both requests are made
 
 
 def test_server_run_kills_a_server_that_ignores_sigterm(tmp_path):
     run, pidfile = _fake(tmp_path, "stubborn")
     assert run.start() and run.wait_healthy(30)
-    run.stop(grace=2)
+    assert run.stop(grace=2)
     assert run.steps[-1]["note"] == "stopped by SIGKILL after 2 s"
-    assert _gone(int(pidfile.read_text()))
+    assert _gone(_pid(pidfile))
+
+
+def test_server_run_kills_the_group_when_the_leader_already_exited(tmp_path):
+    """The leader exits and leaves a child serving the port: stop() must still kill the group."""
+    run, pidfile = _fake(tmp_path, "orphan")
+    rep = run.check(deadline=30, prompt="hello")
+    assert not rep["ok"]
+    assert "the server exited (exit status 0) before it was healthy" in rep["summary"]
+    child = _pid(pidfile)
+    stop = _step(rep, "stop")
+    assert stop["ok"] and stop["note"].startswith("the leader had exited; the rest of its group stopped by SIGTERM"), stop
+    assert _gone(child), "the orphaned child still runs"
+    assert not smoke_server.port_in_use(run.port)
+
+
+def test_server_run_turns_http_errors_into_failures(tmp_path):
+    """A truncated body (IncompleteRead) and a dropped connection (RemoteDisconnected) fail their steps."""
+    run, _ = _fake(tmp_path, "http-error")
+    rep = run.check(deadline=30, prompt="hello")
+    assert not rep["ok"]
+    assert "IncompleteRead" in _step(rep, "generate")["note"]
+    assert "RemoteDisconnected" in _step(rep, "chat")["note"]
+    assert _step(rep, "stop")["ok"]
+
+
+def test_server_run_refuses_nan_logprobs(tmp_path):
+    run, _ = _fake(tmp_path, "nan")
+    rep = run.check(deadline=30, prompt="hello")
+    assert not rep["ok"]
+    assert "non-finite logprobs [nan" in _step(rep, "generate")["note"]
+    assert "non-finite logprobs [None" in _step(rep, "chat")["note"]
+
+
+def test_server_run_refuses_one_repeated_token(tmp_path):
+    run, _ = _fake(tmp_path, "repeat")
+    rep = run.check(deadline=30, prompt="hello")
+    assert not rep["ok"] and _step(rep, "generate")["ok"] and _step(rep, "chat")["ok"]
+    assert rep["summary"].startswith("distinct tokens failed: one token repeated ('Paris' x 16) over both answers")
+
+
+def test_server_run_needs_the_kt_loader_lines_of_every_layer(tmp_path):
+    run, _ = _fake(tmp_path, "no-kt")
+    rep = run.check(deadline=30, prompt="hello")
+    assert not rep["ok"]
+    assert rep["summary"].startswith("KT loader failed: no '[MXFP4SafeTensorLoader] Loaded N experts from layers.L' "
+                                     "line for layer(s) 2; no '[NativeMoEWrapper Layer L] load_experts ... total' "
+                                     "line for layer(s) 2")
+    # The same log with another expert count: the loader read the wrong checkpoint.
+    problems = smoke_server.kt_log_problems((tmp_path / "server.log").read_text(), [0, 1], 128)
+    assert problems == ["the loader read fewer or more experts than the model has (128): layer 0: 256, layer 1: 256"]
+
+
+def test_server_run_reports_a_process_stuck_after_sigkill(tmp_path):
+    """Fault injection (no user-space process survives SIGKILL on purpose): the leader
+    never reaps after SIGKILL, as one stuck in the GPU driver would. The TimeoutExpired
+    that Popen.wait raised there is a step failure, not an exception."""
+    run, pidfile = _fake(tmp_path, "stubborn")
+    assert run.start() and run.wait_healthy(30)
+    real_wait, real_running = run._wait, run._leader_running
+    run._wait = lambda timeout: False
+    run._leader_running = lambda: True
+    try:
+        assert not run.stop(grace=1, kill_wait=1)
+        assert "did not exit 1 s after SIGKILL" in run.steps[-1]["note"]
+    finally:
+        run._wait, run._leader_running = real_wait, real_running
+        run.stop(grace=1)
+    assert _gone(_pid(pidfile))
 
 
 def test_server_run_standalone_cli(tmp_path):
     port = smoke_server.free_port()
     p = subprocess.run([sys.executable, str(REPO / "ktenv/probes/smoke_server.py"), "--port", str(port),
-                        "--log", str(tmp_path / "log"), "--deadline", "30", "--",
-                        sys.executable, str(FIX / "fake_server.py"), "ok", str(port)],
+                        "--log", str(tmp_path / "log"), "--deadline", "30", "--kt-layers", "0,1,2,3",
+                        "--kt-experts", "256", "--", sys.executable, str(FIX / "fake_server.py"), "ok", str(port)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert '"ok": true' in p.stdout.splitlines()[-1]
@@ -289,7 +376,7 @@ def test_kt_kernel_variant_checks(good_env):
     assert r.status == FAILED and "KT_KERNEL_CPU_VARIANT='avx512' is not a kt-kernel variant" in r.evidence
     # The same env judged for an AVX2-only CPU: what this host loads would die with SIGILL there.
     haswell = (REPO / "tests/fixtures/cpuinfo/haswell-e-i7-5820k.txt").read_text()
-    ctx = ctx_for(good_env, cpu_flags=cpu_info(haswell).flags)
+    ctx = ctx_for(good_env, cpu_flags=cpu_info(haswell).flags, cpu_flags_given=True)
     if best_variant(SPEC.knowledge.kt_kernel, cpu_info().flags) == "avx2":
         pytest.skip("this host is AVX2-only itself: nothing above AVX2 loads here")
     r = tier_import._kt_kernel(ctx)
@@ -325,8 +412,14 @@ def test_tiny_model_is_read_back_by_the_real_loaders(good_env, tmp_path):
     ctx = ctx_for(good_env)
     r, why = probe(ctx, "smoke_tiny_model.py", [str(tmp_path / "m"), "--experts", "16"])
     assert r and r["ok"], (why, r)
-    assert "kt-kernel's MXFP4 loader" in r["summary"] and r["experts"]["tensors"] == 4 * 16 * 6
+    assert "kt-kernel's MXFP4 loader (all 4 layers)" in r["summary"] and r["experts"]["tensors"] == 4 * 16 * 6
+    assert r["kt_layers"] == [0, 1, 2, 3] and r["n_routed_experts"] == 16
+    assert "rope_scaling" in r["fields_checked"] and "swiglu_limit" in r["fields_checked"]
     import json
 
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["architectures"] == ["DeepseekV4ForCausalLM"] and len(cfg["compress_ratios"]) == 5
+    # V4-Flash's YaRN parameters are kept (without them sglang fails with KeyError: 'factor'),
+    # and every id the dummy model can emit is a token of the tokenizer.
+    assert {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow"} <= set(cfg["rope_scaling"])
+    assert cfg["vocab_size"] == r["tokenizer"]["vocab"] and cfg["vocab_size"] % 64 == 0

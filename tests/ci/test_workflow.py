@@ -185,7 +185,7 @@ def test_every_command_parses_for_every_arch(wf, pyspec):
                 if hasattr(args, "arch"):
                     assert args.arch == arch, line
                 seen += 1
-    assert seen == 8 * len(pyspec.supported_archs())  # 4 in cpu, 4 in gpu
+    assert seen == 12 * len(pyspec.supported_archs())  # 4 in cpu, 4 in conda, 4 in gpu
 
 
 def test_a_command_the_cli_rejects_is_caught():
@@ -206,16 +206,31 @@ def summary(job: dict, arch: str = "sm90") -> list[tuple]:
 def test_cpu_job_runs_lock_check_env_smoke_audit(wf):
     assert summary(wf["jobs"]["cpu"]) == [
         ("lock", True, ()),
-        ("env", None, ()),
-        ("smoke", None, ("import", "kernel", "launch-cpu")),
+        ("env", False, ()),
+        ("smoke", None, ("import", "kernel", "launch-cpu", "server-args")),
         ("audit", None, ()),
     ]
     assert wf["jobs"]["cpu"]["env"]["ARCH"] == "${{ matrix.arch }}"
 
 
+def test_conda_job_locks_against_conda_forge_and_installs_with_micromamba(wf):
+    job = wf["jobs"]["conda"]
+    assert job["runs-on"] == "ubuntu-latest" and job["strategy"]["matrix"] == {"arch": "${{ fromJSON(needs.archs.outputs.archs) }}"}
+    assert summary(job) == [("lock", False, ()), ("lock", True, ()), ("env", False, ()),
+                            ("smoke", None, ("import", "kernel", "launch-cpu"))]
+    lock, _, env, smoke = [parse(line, "sm90") for line in build_commands(job)]
+    assert lock.conda and lock.channel is None  # envs/conda.toml's channel: conda-forge
+    assert env.backend == "conda" and smoke.prefix == env.prefix
+    runs = "\n".join(step.get("run", "") for step in job["steps"])
+    assert 'micromamba create -y -p "$RUNNER_TEMP/mm" -f "lock/$ARCH/conda-lock.yml"' in runs
+    assert "conda_lock render --kind explicit" in runs
+    (upload,) = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]
+    assert "lock/${{ matrix.arch }}/conda-lock.yml" in upload["with"]["path"]
+
+
 def test_gpu_job_runs_the_launch_gpu_tier(wf):
     assert ("smoke", None, ("launch-gpu",)) in summary(wf["jobs"]["gpu"])
-    assert ("env", None, ()) in summary(wf["jobs"]["gpu"])
+    assert ("env", False, ()) in summary(wf["jobs"]["gpu"])
     assert wf["jobs"]["gpu"]["env"]["ARCH"] == "${{ matrix.arch }}"
 
 

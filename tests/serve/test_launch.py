@@ -87,7 +87,8 @@ def test_golden_facts(envs):
     # Sized for one 80 GB H100 (tests/test_sizing.py pins the rule): graphs for batch 1, 2 requests.
     assert a[a.index("--cuda-graph-bs") + 1: a.index("--cuda-graph-max-bs")] == ["1"]
     assert a[a.index("--max-running-requests") + 1] == "2" and a[a.index("--mem-fraction-static") + 1] == "0.90"
-    assert "--kt-enable-dynamic-expert-update" in a and "--speculative-algorithm" in a
+    # One GPU: EAGLE left out (net-negative on one CPU-bound GPU upstream; envs/serve.toml speculative_min_gpus).
+    assert "--kt-enable-dynamic-expert-update" in a and "--speculative-algorithm" not in a
     assert h100.numactl == ["numactl", "--interleave=all"]
 
     mixed = build(envs, "sm89-mixed-3090-4090")

@@ -69,29 +69,27 @@ def test_eight_rtx5090_doc_setting_comes_out_of_the_rule(envs, cfg, flash):
     assert explicit.flags["kt-num-gpu-experts"] == ["144"]
 
 
-def test_one_rtx5090_tutorial_workload_and_why_its_10_experts_no_longer_fit(envs, cfg, flash):
+def test_one_rtx5090_tutorial_setting_comes_out_of_the_rule(envs, cfg, flash):
     p = plan(envs, cfg, flash, "sm120", [RTX5090])
     f = p.flags
-    # The tutorial's (2026-05-09) workload flags:
+    # The tutorial's (2026-05-09, validated on one RTX 5090) workload flags:
     assert f["context-length"] == ["16384"] and f["max-running-requests"] == ["2"]
     assert f["cuda-graph-bs"] == ["1"] and f["cuda-graph-max-bs"] == ["1"]
-    assert f["kt-gpu-prefill-token-threshold"] == ["4096"]
-    # ...without EAGLE, as the tutorial ran (its draft's 256 experts do not fit one 5090 beside the rest).
+    # ...without EAGLE (net-negative on one CPU-bound GPU upstream) and without layerwise GPU prefill,
+    # as the tutorial ran: on 0.7.2 its slots would take 13.9 GiB, over a quarter of the static pool.
     assert not p.workload.speculative and any("Left out EAGLE" in n for n in p.notes)
-    # 0.7.2 reserves two raw + two Marlin full-expert layers for layerwise prefill on sm120: 13.9 GiB.
-    assert p.budget.reservation == w.layerwise_reservation_bytes(flash, 1)
-    assert round(p.budget.reservation / GIB, 1) == 13.9
-    assert f["mem-fraction-static"] == ["0.90"] and f["kt-num-gpu-experts"] == ["4"]
-    # The tutorial's own numbers, checked by the same rule on this stack:
-    tutorial = {"kt-num-gpu-experts": ["10"], "mem-fraction-static": ["0.85"], "context-length": ["16384"],
-                "kt-gpu-prefill-token-threshold": ["4096"]}
+    assert f["kt-gpu-prefill-token-threshold"] == ["0"] and any("more than 25% of the static pool" in n for n in p.notes)
+    assert p.budget.reservation == 0 and f["mem-fraction-static"] == ["0.90"]
+    # The tutorial's 10 experts per layer fit that budget; the rule gives what fills it.
+    assert p.budget.fits(10) and f["kt-num-gpu-experts"] == ["31"] and not p.budget.fits(32)
+    tutorial = {"kt-num-gpu-experts": ["10"], "mem-fraction-static": ["0.85"], "context-length": ["16384"]}
+    assert plan(envs, cfg, flash, "sm120", [RTX5090], tutorial).flags["kt-num-gpu-experts"] == ["10"]
+    # Asking for layerwise prefill on one 5090: 0.7.2 reserves two raw + two Marlin full-expert layers, 13.9 GiB,
+    # and the tutorial's 10 no longer fit beside them.
     with pytest.raises(KtenvError, match=r"--kt-num-gpu-experts 10 does not fit 1 GPU\(s\) of 31.8 GiB") as e:
-        plan(envs, cfg, flash, "sm120", [RTX5090], tutorial, speculative=False)
+        plan(envs, cfg, flash, "sm120", [RTX5090], {**tutorial, "kt-gpu-prefill-token-threshold": ["4096"]})
     assert "layerwise-prefill reservation                     13.88 GiB" in str(e.value)
-    # Without layerwise prefill (what 0.6.2.post2 reserved: nothing) the 10 fit again.
-    ok = plan(envs, cfg, flash, "sm120", [RTX5090], {**tutorial, "kt-gpu-prefill-token-threshold": ["0"]},
-              speculative=False)
-    assert ok.flags["kt-num-gpu-experts"] == ["10"] and ok.budget.reservation == 0
+    assert round(w.layerwise_reservation_bytes(flash, 1) / GIB, 1) == 13.9
 
 
 def test_the_issue_case_144_on_one_gpu_is_refused_with_the_numbers(envs, cfg, flash):
