@@ -73,6 +73,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target-isa", choices=ISAS, help="build kt-kernel for another machine's CPU")
     p.add_argument("--python", help="the interpreter to build the env with (default: found by uv)")
     p.add_argument("--cuda-home", metavar="PATH", help="the CUDA toolkit the env's JIT kernels use (default: found; see `toolchain`)")
+    p.add_argument("--flash-mla-source", metavar="PATH",
+                   help="sm90: build flash_mla from this FlashMLA checkout (the commit envs/sm90.toml pins)")
+    p.add_argument("--cutlass-source", metavar="PATH",
+                   help="with --flash-mla-source: CUTLASS at FlashMLA's submodule commit, if its csrc/cutlass is empty")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--check", action="store_true",
                    help="verify every file of the built env against its RECORD and the payload manifest; exit 1 if damaged")
@@ -244,8 +248,16 @@ def cmd_env(args) -> int:
     t = _target(args, follow_stamp=False)
     # One pipeline for both backends: only how the prefix and its Python are
     # made differs (uv venv, or the conda prefix of lock/<arch>/conda-lock.yml).
+    if args.cutlass_source and not args.flash_mla_source:
+        raise KtenvError("--cutlass-source goes with --flash-mla-source (it is the CUTLASS FlashMLA compiles against).")
+    cuobjdump = None
+    if args.flash_mla_source:  # the pinned lister for the flash_mla build's SASS audit (check/ sits above build/)
+        from .check.cuobjdump import find_cuobjdump
+
+        cuobjdump = find_cuobjdump()[0]
     opts = pipeline.Options(python=args.python, kt_source=args.kt_source, target_isa=args.target_isa, wait=not args.no_wait,
-                            cuda_home=args.cuda_home, backend=args.backend, channel=args.channel)
+                            cuda_home=args.cuda_home, backend=args.backend, channel=args.channel,
+                            flash_mla_source=args.flash_mla_source, cutlass_source=args.cutlass_source, cuobjdump=cuobjdump)
     report = pipeline.build(t, opts, Progress())
     if args.tune:
         # After the build, not inside it: the build stage sits below serve, and a

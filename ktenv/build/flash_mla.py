@@ -41,8 +41,9 @@ Public API (the first four live in flash_mla_source.py, audit_wheel in flash_mla
   verify(env_python) -> dict                         is flash_mla there and what sglang-kt calls (`ok`)
   provide(env_python, source, cuda_home, pin, ...) -> dict   all of the above
   missing_message(arch, pin, stack=None) -> str      what an env without flash_mla says
-  stamp_entry(pin, provided) -> dict | None          the env stamp's `flash_mla`
-  launch_refusal(target) -> str | None               the reason `launch` refuses, or None
+
+flash_mla_env.py joins this to `build.py env` (the step, the stamp entry, the
+summary) and to `launch` (its refusal).
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def check_prerequisites(source: str | Path, python: str, cuda_home: str | Path |
     if cuda_home is None:
         problems.append(f"No CUDA toolkit was found whose major version matches torch's CUDA {torch_cuda or '?'} and "
                         f"that is at least {pin.min_cuda}; FlashMLA's SM90 V4 kernels need it to compile (no GPU "
-                        f"needed). Install CUDA {pin.min_cuda} or newer of that major and point CUDA_HOME at it.")
+                        f"needed). Install CUDA {pin.min_cuda} or newer of that major and pass --cuda-home (or set "
+                        f"CUDA_HOME); `python build.py toolchain` lists what was found and what ktenv can fetch.")
     else:
         version = nvcc_version(cuda_home)
         if version is None:
@@ -155,7 +157,8 @@ def check_prerequisites(source: str | Path, python: str, cuda_home: str | Path |
         elif _vtuple(version) < _vtuple(pin.min_cuda):
             problems.append(f"nvcc {version} ({cuda_home}) is older than CUDA {pin.min_cuda}, which FlashMLA's SM90 V4 "
                             f"decode kernel needs (cuda_fp8.h's __nv_fp8_e8m0 type; {pin.source.name} [flash_mla] "
-                            f"min_cuda). Install CUDA {pin.min_cuda} or newer.")
+                            f"min_cuda). Point --cuda-home at a CUDA {_vtuple(version)[0]}.x toolkit >= {pin.min_cuda} "
+                            f"(`python build.py toolchain` lists what was found and what ktenv can fetch).")
     if not problems and cuda_home is not None:
         err = _try_compile(Path(cuda_home), _build_env(environ, Path(cuda_home), None, pin, 1, None))
         if err:
@@ -353,10 +356,12 @@ def install(env_python: str, wheel: str | Path) -> dict:
 
 def provide(env_python: str, source: str | Path, cuda_home: str | Path | None, pin: Pin, cache: str | Path,
             progress: Callable[[str], None] = print, *, cutlass: str | Path | None = None,
-            jobs: int | None = None, cuobjdump: str | None = None) -> dict:
-    """Build (or reuse), install and verify flash_mla; the dict is the env stamp's `flash_mla` entry."""
+            jobs: int | None = None, cuobjdump: str | None = None, environ: Mapping[str, str] | None = None) -> dict:
+    """Build (or reuse), install and verify flash_mla; the dict is the env stamp's `flash_mla` entry.
+
+    environ: the build's environment (the toolchain stage's for_build(): CUDA_HOME, PATH, CPATH, CC/CXX)."""
     wheel = build_wheel(source, env_python, cuda_home, pin, cache, progress, cutlass=cutlass, jobs=jobs,
-                        cuobjdump=cuobjdump)
+                        cuobjdump=cuobjdump, environ=environ)
     installed = install(env_python, wheel)
     meta = json.loads((wheel.parent / "build.json").read_text())
     progress(f"flash_mla {installed['version']} installed and imports ({', '.join(installed['ops'] or [])})")
@@ -380,25 +385,3 @@ def missing_message(arch, pin: Pin | None = None, stack=None) -> str:
             f"{pin.repository if pin else 'https://github.com/deepseek-ai/FlashMLA'} at commit {commit} with its "
             f"csrc/cutlass submodule (`git checkout {commit[:12]} && git submodule update --init csrc/cutlass`), and a "
             f"CUDA {need}+ toolkit of torch's CUDA major on the machine (the build compiles for sm_90a and needs no GPU).")
-
-
-def stamp_entry(pin: Pin | None, provided: dict | None) -> dict | None:
-    """The env stamp's `flash_mla`: provide()'s report, or what is missing on an arch that needs it."""
-    if pin is None:
-        return None
-    return provided or {"path": "missing", "required": pin.required, "commit": pin.commit}
-
-
-def launch_refusal(target) -> str | None:
-    """None when target's env can serve as far as flash_mla goes; else missing_message() for `launch` to refuse with.
-
-    The stamp says so for envs ktenv built with --flash-mla-source; otherwise
-    (an env from before, or flash_mla installed by hand) the probe decides.
-    """
-    pin = pin_for(target.arch)
-    if pin is None or not pin.required:
-        return None
-    if ((target.stamp or {}).get("flash_mla") or {}).get("path") == "source" or verify(str(target.python)).get("ok"):
-        return None
-    return missing_message(target.arch, pin, target.spec.stack)
-

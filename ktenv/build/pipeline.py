@@ -50,7 +50,7 @@ from ..errors import KtenvError
 from ..progress import Progress, beat
 from ..target import STAMP, STAMP_FORMAT, Target
 from ..tools import uv_bin
-from . import dists, patches as patches_mod, payload as payload_mod, repair, toolchain, verify
+from . import dists, flash_mla_env, patches as patches_mod, payload as payload_mod, repair, toolchain, verify
 from .disk import DiskFull, preflight
 from .envdir import BuildLock, check_relocated, check_replaceable, clean_stale, dist_infos, siblings, swap_in, up_to_date
 from .ktkernel import install as ktinstall
@@ -78,6 +78,9 @@ class Options:
     backend: str = "uv"          # uv | conda: how the prefix and its Python are made
     channel: str | None = None   # conda: the channel its lock was made against (a mirror)
     conda_cache: Path | None = None
+    flash_mla_source: str | None = None  # --flash-mla-source: a FlashMLA checkout to build flash_mla from (sm90)
+    cutlass_source: str | None = None    # --cutlass-source: CUTLASS at FlashMLA's submodule commit, if csrc/cutlass is empty
+    cuobjdump: str | None = None         # for the flash_mla build's SASS audit (the check stage's pinned one)
 
 
 def build(target: Target, opts: Options | None = None, progress=None) -> dict:
@@ -101,6 +104,7 @@ def build(target: Target, opts: Options | None = None, progress=None) -> dict:
         "patches_hash": patches_mod.patches_hash(lock.departures, patch_list, lock.stack),
         "kt_kernel_config": ktinstall.config(kt, opts.kt_source, opts.target_isa),
         **maker.want(),
+        **flash_mla_env.want(target, opts.flash_mla_source, opts.cutlass_source),
     }
     if opts.cuda_home:  # another explicit toolkit: rebuild, so the stamp records the new choice
         want["cuda_home_requested"] = os.path.abspath(opts.cuda_home)
@@ -122,6 +126,7 @@ def build(target: Target, opts: Options | None = None, progress=None) -> dict:
         check_replaceable(prefix)
         if opts.kt_source:
             ktinstall.check_kt_source(lock, opts.kt_source)
+        flash_mla_env.precheck(target, opts.flash_mla_source, opts.cutlass_source)
         tmp = siblings(prefix)["build"]
         uv = uv_bin()
         restore = _terminate_as_interrupt()
@@ -211,6 +216,9 @@ def _build_into(tmp, prefix, target, opts, want, maker, uv, patch_list, progress
         )
     progress(f"checks: uv pip check clean; kt-kernel variant {kt_report.get('variant', '?')}; payload loads from the env")
     tc_record = toolchain.env_record(target.spec.root, lock.arch, lock.cuda, tmp, cuda_home=opts.cuda_home, progress=progress)
+    with _step(times, "flash_mla"):
+        fm_entry = flash_mla_env.step(target, env_python, tmp, opts.flash_mla_source, opts.cutlass_source,
+                                      opts.cuda_home, opts.cuobjdump, progress)
 
     backend_report = maker.before_swap(tmp, prefix)
     stamp = dict(want)
@@ -226,6 +234,7 @@ def _build_into(tmp, prefix, target, opts, want, maker, uv, patch_list, progress
         payload={k: payload_report.get(k) for k in ("present", "version", "archive_sha256", "bytes", "files")},
         patches=patch_report["changes"],
         toolchain=tc_record,
+        **({"flash_mla": fm_entry} if fm_entry else {}),
         built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     stamp = _relocate(stamp, tmp, prefix)
@@ -254,6 +263,7 @@ def _build_into(tmp, prefix, target, opts, want, maker, uv, patch_list, progress
         "patches": patch_report,
         "pip_check": "clean",
         "toolchain": stamp["toolchain"],
+        "flash_mla": stamp.get("flash_mla"),
         "cleaned": cleaned,
         "swap": how,
         "seconds": times,
@@ -302,4 +312,5 @@ def summary(r: dict) -> str:
     lines.append(f"  CUDA toolchain for JIT: {tc['version']} at {tc['cuda_home']} ({tc['origin']})" if tc.get("cuda_home")
                  else f"  CUDA toolchain for JIT: NONE -- the env cannot JIT-compile. {tc.get('remedy', '')}")
     lines.append(f"  use: {r['prefix']}/bin/python, or `python build.py smoke --arch {r['arch']} --prefix {r['prefix']}`")
+    lines += flash_mla_env.summary_lines(r.get("flash_mla"))  # last: an env that cannot serve says so at the end
     return "\n".join(lines)

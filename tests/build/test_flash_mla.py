@@ -297,15 +297,26 @@ def test_the_cannot_serve_message(spec, pin):
 
 def test_launch_refuses_an_sm90_env_without_flash_mla(spec, pin, stack_env):
     from ktenv import target
+    from ktenv.build import flash_mla_env
 
     t = target.resolve(spec, "sm90", lock_root=REPO / "lock", prefix=stack_env)
     assert fm.verify(str(t.python))["error"].startswith("ModuleNotFoundError: No module named 'flash_mla'")
-    assert fm.launch_refusal(t) == fm.missing_message(spec.arch("sm90"), pin, spec.stack)
-    assert fm.stamp_entry(pin, None) == {"path": "missing", "required": True, "commit": pin.commit}
-    built = dataclasses.replace(t, stamp={**(t.stamp or {}), "flash_mla": fm.stamp_entry(pin, {"path": "source"})})
-    assert fm.launch_refusal(built) is None
+    assert flash_mla_env.launch_refusal(t) == fm.missing_message(spec.arch("sm90"), pin, spec.stack)
+    entry = (t.stamp or {}).get("flash_mla")  # the env build recorded the gap, with the message it ended with
+    assert entry["path"] == "missing" and entry["message"] == fm.missing_message(spec.arch("sm90"), pin, spec.stack)
+    assert flash_mla_env.summary_lines(entry) == [f"  flash_mla: MISSING -- {entry['message']}"]
+    built = dataclasses.replace(t, stamp={**(t.stamp or {}), "flash_mla": {"path": "source"}})
+    assert flash_mla_env.launch_refusal(built) is None
     other = target.resolve(spec, "sm120", lock_root=REPO / "lock", prefix=stack_env, follow_stamp=False)
-    assert fm.launch_refusal(other) is None and fm.stamp_entry(fm.pin_for(other.arch), None) is None
+    assert flash_mla_env.launch_refusal(other) is None and flash_mla_env.want(other, None, None) == {}
+
+
+def test_env_refuses_flash_mla_source_where_it_means_nothing_or_is_wrong(spec, tmp_path, cli):
+    p = cli("env", "--arch", "sm120", "--flash-mla-source", str(tmp_path), "--prefix", str(tmp_path / "e"))
+    assert p.returncode == 2 and "--flash-mla-source is for archs that need flash_mla" in p.stderr
+    p = cli("env", "--arch", "sm90", "--flash-mla-source", str(tmp_path), "--prefix", str(tmp_path / "e"))
+    assert p.returncode == 2 and "is not a FlashMLA checkout" in p.stderr
+    assert not (tmp_path / "e").exists()  # refused before anything was built
 
 
 # --- the real build ------------------------------------------------------------------------
