@@ -45,6 +45,18 @@ def stack_python(stack_env) -> Path:
     return stack_env / "bin" / "python"
 
 
+@pytest.fixture(scope="session")
+def sm89_env() -> Path:
+    """A second real env, for sm89 (the same packages as TEST_ARCH's lock, hard-linked from uv's
+    cache: seconds), for what needs an arch that can serve without flash_mla (sm90 cannot)."""
+    prefix = REPO / ".envs" / "sm89"
+    p = subprocess.run([sys.executable, str(REPO / "build.py"), "env", "--arch", "sm89", "--prefix", str(prefix)],
+                       capture_output=True, text=True, cwd=REPO)
+    if p.returncode != 0:
+        pytest.fail(f"`build.py env --arch sm89` failed:\n{(p.stderr or p.stdout)[-2000:]}", pytrace=False)
+    return prefix
+
+
 def sync_raw_env(dest: Path, arch: str = "sm90") -> Path:
     """A plain `uv venv` + `uv pip sync` of lock/<arch> at dest: no ktenv patches, no payload.
 

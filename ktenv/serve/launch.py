@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..build import activate, toolchain
+from ..build import activate, flash_mla_env, toolchain
 from ..build.ktkernel.variants import check_override
 from ..errors import KtenvError
 from ..host import gpu as gpumod
@@ -359,6 +359,10 @@ def command_for(target: Target, model: str, *, kt_weight_path: str | None = None
     python = target.python
     if not dry_run:
         target.require_env()
+        # sm90: sglang-kt imports flash_mla on every Hopper forward and has no fallback.
+        refusal = flash_mla_env.launch_refusal(target)
+        if refusal:
+            raise LaunchError(refusal)
     recorded = facts is not None
     facts = facts or live_facts(str(model))
     try:
@@ -397,6 +401,8 @@ def command_for(target: Target, model: str, *, kt_weight_path: str | None = None
         cmd.notes.append(f"Host facts come from {facts.origin} ({how}), not this machine: the command is for that host.")
     if dry_run and not python.exists():
         cmd.notes.append(f"{python} does not exist yet: {target.build_hint()}.")
+    elif dry_run and (refusal := flash_mla_env.launch_refusal(target)):
+        cmd.notes.append(f"Running this command would be refused: {refusal}")
     return cmd
 
 

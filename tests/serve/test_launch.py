@@ -365,6 +365,8 @@ def _shim_env(tmp_path) -> Path:
 
 def test_exec_replaces_ktenv_with_the_env_python(model, tmp_path):
     venv = _shim_env(tmp_path)
+    # What `build.py env --flash-mla-source` records: this stand-in env has flash_mla (sm90 needs it).
+    (venv / "ktenv-stamp.json").write_text(json.dumps({"arch": "sm90", "flash_mla": {"path": "source"}}))
     out = tmp_path / "started.json"
     p = _cli(["launch", "--arch", "sm90", "--model", str(model), "--prefix", str(venv), "--no-speculative"],
              KTENV_HOST_RECORDING=str(FIX / "h100"), SHIM_OUT=str(out), PATH=os.environ["PATH"])
@@ -377,11 +379,19 @@ def test_exec_replaces_ktenv_with_the_env_python(model, tmp_path):
     assert "Host facts come from recording" in p.stderr
 
 
-def test_exec_real_sglang_server_starts(model, tmp_path, stack_env):
-    """The real sglang-kt 0.7.2 launch_server, exec'd by ktenv, gets as far as this GPU-less host allows."""
-    STACK = stack_env
-    p = _cli(["launch", "--arch", "sm90", "--model", str(model), "--prefix", str(STACK)],
+def test_sm90_without_flash_mla_is_refused_before_the_server_starts(model, stack_env):
+    """Hopper needs flash_mla (no fallback): launch says so instead of a server dying at its first forward."""
+    p = _cli(["launch", "--arch", "sm90", "--model", str(model), "--prefix", str(stack_env)],
              KTENV_HOST_RECORDING=str(FIX / "h100"), PATH=os.environ["PATH"])
+    assert p.returncode == 2 and "flash_mla" in p.stderr and "--flash-mla-source" in p.stderr, p.stderr[-2000:]
+    assert "in prepare_server_args" not in p.stderr  # refused before sglang was started
+
+
+def test_exec_real_sglang_server_starts(model, tmp_path, sm89_env):
+    """The real sglang-kt 0.7.2 launch_server, exec'd by ktenv, gets as far as this GPU-less host allows
+    (sm89, on a recorded host with an RTX 4090 beside a 3090)."""
+    p = _cli(["launch", "--arch", "sm89", "--model", str(model), "--prefix", str(sm89_env)],
+             KTENV_HOST_RECORDING=str(FIX / "mixed-3090-4090"), PATH=os.environ["PATH"])
     assert p.returncode != 0
     # sglang parsed every flag and stopped only at the missing GPU.
     assert "in prepare_server_args" in p.stderr, p.stderr[-2000:]
