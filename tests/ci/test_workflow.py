@@ -185,7 +185,7 @@ def test_every_command_parses_for_every_arch(wf, pyspec):
                 if hasattr(args, "arch"):
                     assert args.arch == arch, line
                 seen += 1
-    assert seen == 12 * len(pyspec.supported_archs())  # 4 in cpu, 4 in conda, 4 in gpu
+    assert seen == 14 * len(pyspec.supported_archs())  # 6 in cpu, 4 in conda, 4 in gpu
 
 
 def test_a_command_the_cli_rejects_is_caught():
@@ -206,10 +206,14 @@ def summary(job: dict, arch: str = "sm90") -> list[tuple]:
 def test_cpu_job_runs_lock_check_env_smoke_audit(wf):
     assert summary(wf["jobs"]["cpu"]) == [
         ("lock", True, ()),
+        ("toolchain", None, ()),
         ("env", False, ()),
         ("smoke", None, ("import", "kernel", "launch-cpu", "server-args")),
         ("audit", None, ()),
+        ("smoke", None, ("toolchain",)),
     ]
+    toolchain = parse(build_commands(wf["jobs"]["cpu"])[1], "sm120")
+    assert toolchain.provision  # the pinned 12.8 toolkit: sm100/sm120 need >= 12.8, which no runner has
     assert wf["jobs"]["cpu"]["env"]["ARCH"] == "${{ matrix.arch }}"
 
 
@@ -238,8 +242,8 @@ def test_gpu_job_runs_the_launch_gpu_tier(wf):
 
 
 def test_uv_cache_is_keyed_by_the_arch_lock(wf, pyspec):
-    (cache,) = [s for s in wf["jobs"]["cpu"]["steps"] if s.get("uses", "").startswith("actions/cache@")]
-    assert cache["with"]["path"] == "~/.cache/uv"
+    (cache,) = [s for s in wf["jobs"]["cpu"]["steps"]
+                if s.get("uses", "").startswith("actions/cache@") and s["with"]["path"] == "~/.cache/uv"]
     key = cache["with"]["key"]
     pattern = "lock/{0}/requirements.txt"
     assert f"hashFiles(format('{pattern}', matrix.arch))" in key
