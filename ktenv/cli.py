@@ -192,8 +192,9 @@ def cmd_env(args) -> int:
 
 def cmd_smoke(args) -> int:
     from .check import smoke
+    from .progress import Progress
 
-    report = smoke.smoke(smoke.context(_target(args)), args.tier or smoke.TIERS)
+    report = smoke.smoke(smoke.context(_target(args)), args.tier or smoke.TIERS, Progress())
     _print(report, args.json, smoke.render)
     return 0 if report["ok"] else 1
 
