@@ -73,7 +73,7 @@ def smoke(ctx: Context, tiers: list[str] | tuple[str, ...] = TIERS, progress=Non
                 got = TIER_FUNCS[tier](ctx)
             timings[tier] = round(time.monotonic() - t1, 1)
             bad = sum(1 for r in got if r.status == FAILED)
-            say(f"{tier} tier: {len(got)} results, {bad} failed, in {timings[tier]} s")
+            say(f"{tier} tier: {len(got)} result(s), {bad} failed, in {timings[tier]} s")
             results += got
     failed = [r for r in results if r.status == FAILED]
     return {"arch": ctx.arch.name, "prefix": str(ctx.prefix), "python": str(ctx.python), "tiers": list(timings),

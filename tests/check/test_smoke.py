@@ -221,7 +221,7 @@ def test_cli_exit_status_and_json(good_env, envs_copy, cli):
     assert p.returncode == 1
     assert "FAIL launch command parses: sglang does not know --no-such-flag" in p.stdout
     assert "time: launch-cpu " in p.stdout and " s of CPU, " in p.stdout  # what each tier took
-    assert "launch-cpu tier: 2 results, 1 failed, in " in p.stderr  # progress on stderr
+    assert "launch-cpu tier: 2 result(s), 1 failed, in " in p.stderr  # progress on stderr
 
 
 @_mark
