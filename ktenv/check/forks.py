@@ -100,11 +100,18 @@ class ForkServer:
                                        f"{proberun.tail(tail)}", r.get("exit", 1), tail, r.get("wall", 0.0))
 
     def close(self) -> dict | None:
-        """Let the running jobs finish, stop the server; its summary (CPU seconds, preload times)."""
+        """Stop the server once its jobs are answered; its summary (CPU seconds, preloads, notes).
+
+        With jobs still unanswered (the caller gave up, e.g. on an exception) the server
+        is stopped at once: its parents finish what runs and start nothing more."""
+        with self.lock:
+            abandoned = bool(self.pending)
         try:
             self.proc.stdin.close()
         except (BrokenPipeError, OSError):
             pass
+        if abandoned:
+            self.proc.terminate()
         try:
             self.proc.wait(timeout=self.timeout + 60)
         except subprocess.TimeoutExpired:

@@ -138,3 +138,13 @@ def test_the_server_reports_what_it_cost(tmp_path):
     assert summary["workers"] == 2 and summary["cpu_seconds"] > 0 and summary["driver"] in (True, False)
     assert summary["parents"]["warm"]["preload"]["heavy"]["ok"]
     json.dumps(summary)  # the smoke report carries it
+
+
+def test_closing_with_jobs_unanswered_stops_at_once(tmp_path):
+    slow = {f"slow{i}": "import time\ntime.sleep(5)\n" for i in range(8)}
+    fs = start(tmp_path, workers=1, **slow)
+    futures = [fs.submit({"kind": "import", "module": m}) for m in slow]
+    t = time.monotonic()
+    fs.close()  # eight 5-s jobs one at a time would take 40 s
+    assert time.monotonic() - t < 20
+    assert all(f.result(timeout=5).get("died", "").startswith("the fork server") for f in futures[2:])
