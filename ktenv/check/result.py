@@ -95,15 +95,17 @@ def child_env(target: Target, base: dict | None = None) -> dict:
 
 
 def probe(ctx: Context, script: str, args: list[str], stdin: dict | None = None,
-          timeout: float = IMPORT_TIMEOUT, env: dict | None = None) -> tuple[dict | None, str]:
+          timeout: float = IMPORT_TIMEOUT, env: dict | None = None, warm: bool = True) -> tuple[dict | None, str]:
     """Run probes/<script> with the env's python: (its report or None, why not).
 
     While a fork server runs for this context, and the probe wants the server's
-    environment, it runs as a child forked from the server's warm interpreter
-    (same script, argv and stdin, its own process); otherwise in a new process.
+    environment, it runs as a child forked from the server (same script, argv
+    and stdin, its own process): from the warm parent, or with warm=False from
+    the bare one, which starts it at once instead of after the preload.
+    Otherwise in a new process.
     """
     if ctx.forks is not None and ctx.forks.serves(env or ctx.env):
-        run = ctx.forks.script(script, args, stdin=stdin, timeout=timeout)
+        run = ctx.forks.script(script, args, stdin=stdin, timeout=timeout, parent="warm" if warm else "bare")
     else:
         run = proberun.run(ctx.python, script, args, stdin=stdin, timeout=timeout, env=env or ctx.env)
     return run.result, run.why

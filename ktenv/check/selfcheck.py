@@ -121,9 +121,12 @@ def upstream_names(ctx: Context, r: dict | None, why: str) -> list[Result]:
 
 
 def selfcheck_results(ctx: Context) -> list[Result]:
-    """Run the three probes (side by side: through the fork server they are forked children) and judge them."""
-    jobs = (("selfcheck.py", "kt_cli", kt_cli), ("selfcheck.py", "sglang_check_env", check_env),
-            ("selfcheck.py", "upstream_names", upstream_names))
+    """Run the three probes (side by side: through the fork server they are forked children) and judge them.
+
+    kt doctor spends most of its ~15 s of CPU in a new interpreter it starts itself
+    (`python -m sglang.launch_server --help`): it gains little from the warm parent and
+    would be the smoke's last job if it waited for the preload, so it starts at once."""
+    jobs = (("kt_cli", kt_cli, False), ("sglang_check_env", check_env, True), ("upstream_names", upstream_names, True))
     with ThreadPoolExecutor(len(jobs)) as pool:
-        runs = [(judge, pool.submit(probe, ctx, script, [arg])) for script, arg, judge in jobs]
+        runs = [(judge, pool.submit(probe, ctx, "selfcheck.py", [arg], warm=warm)) for arg, judge, warm in jobs]
         return [res for judge, fut in runs for res in judge(ctx, *fut.result())]
