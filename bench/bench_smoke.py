@@ -162,6 +162,11 @@ def main() -> int:
     for way in ways:
         print(f"{way}: median {out[way]['wall_median']:.1f} s wall, {out[way]['cpu_median']:.1f} s CPU "
               f"over {args.rounds} round(s)")
+    for way in [w for w in ways if w != "new"]:
+        pairs = [(a["wall"], b["wall"]) for a in out["rounds"] for b in out["rounds"]
+                 if a["way"] == "new" and b["way"] == way and a["round"] == b["round"]]
+        out[way]["ratio_per_round"] = [round(n / o, 2) for n, o in pairs]
+        print(f"new / {way} wall, per round: {', '.join(map(str, out[way]['ratio_per_round']))}")
     for name, differ in out.get("differences", {}).items():
         print(f"modules judged differently, new vs {name}: {differ or 'none'} ({len(new_mods)} modules)")
     print(f"cores {out['cores']}, workers {out['workers']}; load average now {os.getloadavg()[0]:.1f}")
