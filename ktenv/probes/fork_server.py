@@ -123,13 +123,15 @@ class Server:
         job, where = self.by_seq.pop(msg["seq"])
         p["inflight"].discard(msg["seq"])
         r = {**msg["result"], "parent": where}
-        if job["kind"] == "import" and where == "bare":
+        if job["kind"] == "import" and where == "bare" and job.get("guard", True):
+            # Without a warm parent (it died too often) the bare one runs it unguarded.
+            warm, retry = ("warm", {}) if not self.parents["warm"].get("gone") else ("bare", {"guard": False})
             if r.get("needs_preload") is not None:
-                self.queue["warm"].append(job)  # it imports a preloaded package itself
+                self.queue[warm].append({**job, **retry})  # it imports a preloaded package itself
                 return
             if self.preload and not r.get("ok") and not r.get("needs_gpu") and MISSING_SO.search(r.get("error") or ""):
                 # Alone it misses a shared library; in real use torch comes first and may load it.
-                self.queue["warm"].append({**job, "after": self.preload[:1], "first": r})
+                self.queue[warm].append({**job, **retry, "after": self.preload[:1], "first": r})
                 return
         if job.get("first") is not None:
             if r.get("ok") or r.get("needs_gpu"):
@@ -152,6 +154,7 @@ class Server:
             job, _ = self.by_seq.pop(s)
             self.reply(job, {"ok": False, "parent": name, "died": f"the {name} parent process died ({why}) while this ran"})
         if self.respawns[name] > 3:
+            p["gone"] = True
             for job in self.queue[name]:
                 self.reply(job, {"ok": False, "parent": name, "died": f"the {name} parent died {self.respawns[name]} times"})
             self.queue[name] = []
