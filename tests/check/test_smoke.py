@@ -13,6 +13,7 @@ reinstall, so nothing in uv's cache is modified through a hard link.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -191,6 +192,9 @@ def test_import_tier_on_a_good_env(good_env):
     assert names.status == PASSED and "sglang.__version__ '0.0.0.dev0'" in names.evidence
     if not gpumod.detect().gpus:
         assert by_name(results, "kt doctor: GPU detection").status == NEEDS_GPU
+    if shutil.which("nvidia-smi") is None:
+        crash = by_name(results, "sglang.check_env: crash")
+        assert crash.status == NEEDS_GPU and "'nvidia-smi'" in crash.evidence
 
 
 @_mark
