@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import KtenvError
 
 ISAS = ("amx", "avx512_bf16", "avx512_vbmi", "avx512_vnni", "avx512_base", "avx2")
-TIERS = ("import", "kernel", "toolchain", "launch-cpu", "server-args", "launch-gpu")
+TIERS = ("import", "kernel", "launch-cpu", "toolchain", "server-args", "launch-gpu")
 
 
 def _arch_args(p: argparse.ArgumentParser, allow_all: bool = False) -> None:
@@ -290,9 +290,10 @@ def _env_check(args) -> int:
 
 def cmd_smoke(args) -> int:
     from .check import smoke
+    from .progress import Progress
 
     ctx = smoke.context(_target(args), compile_jit="toolchain" in (args.tier or []), model=args.model)
-    report = smoke.smoke(ctx, args.tier or smoke.TIERS)
+    report = smoke.smoke(ctx, args.tier or smoke.TIERS, Progress())
     _print(report, args.json, smoke.render)
     return 0 if report["ok"] else 1
 

@@ -7,6 +7,7 @@ nothing that did not run is ever reported as passed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,10 +20,21 @@ from ..build import activate, toolchain
 from ..lock.model import Entry, Lock
 from ..spec import Arch, Spec
 from ..target import Target
+from .forks import ForkServer
 
 PASSED, FAILED, NEEDS_GPU, SKIPPED = "passed", "failed", "needs-gpu", "skipped"
-# Module imports are CPU-bound: one process per core.
-IMPORT_WORKERS = os.cpu_count() or 2
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container's CPU set can be smaller than os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Probes are CPU-bound (imports): one forked process per core at a time.
+IMPORT_WORKERS = _cores()
 IMPORT_TIMEOUT = 600
 
 
@@ -48,6 +60,8 @@ class Context:
     cpu_flags_given: bool = False  # cpu_flags describe another CPU (judging an env for another machine)
     model: str | None = None  # the user's checkpoint (smoke --model): server-args loads its config
     compile_jit: bool = False  # the toolchain tier compiles the first-start kernels (asked for with --tier toolchain)
+    forks: ForkServer | None = None  # while one runs (fork_server()), probes are forked from it
+    last_forks: dict | None = None  # the last fork server's summary (CPU seconds, preload times)
 
     @property
     def spec(self) -> Spec:
@@ -108,10 +122,39 @@ def child_env(target: Target, base: dict | None = None) -> dict:
 
 
 def probe(ctx: Context, script: str, args: list[str], stdin: dict | None = None,
-          timeout: float = IMPORT_TIMEOUT, env: dict | None = None) -> tuple[dict | None, str]:
-    """Run probes/<script> with the env's python: (its report or None, why not)."""
-    run = proberun.run(ctx.python, script, args, stdin=stdin, timeout=timeout, env=env or ctx.env)
+          timeout: float = IMPORT_TIMEOUT, env: dict | None = None, warm: bool = True) -> tuple[dict | None, str]:
+    """Run probes/<script> with the env's python: (its report or None, why not).
+
+    While a fork server runs for this context, and the probe wants the server's
+    environment, it runs as a child forked from the server (same script, argv
+    and stdin, its own process): from the warm parent, or with warm=False from
+    the bare one, which starts it at once instead of after the preload.
+    Otherwise in a new process.
+    """
+    if ctx.forks is not None and ctx.forks.serves(env or ctx.env):
+        run = ctx.forks.script(script, args, stdin=stdin, timeout=timeout, parent="warm" if warm else "bare")
+    else:
+        run = proberun.run(ctx.python, script, args, stdin=stdin, timeout=timeout, env=env or ctx.env)
     return run.result, run.why
+
+
+@contextlib.contextmanager
+def fork_server(ctx: Context):
+    """ctx.forks for the duration: the one already running, or a new one stopped at the end.
+
+    Its warm parent imports envs/loaders.toml [smoke] preload once; see probes/fork_server.py.
+    """
+    if ctx.forks is not None and ctx.forks.serves(ctx.env):
+        yield ctx.forks
+        return
+    server = ForkServer(ctx.python, ctx.env, ctx.spec.knowledge.loaders.preload_for(ctx.target.stack), ctx.workers,
+                        IMPORT_TIMEOUT)
+    ctx.forks = server
+    try:
+        yield server
+    finally:
+        ctx.forks = None
+        ctx.last_forks = server.close()
 
 
 def version(text: str | None) -> Version | None:

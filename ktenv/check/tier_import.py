@@ -1,8 +1,10 @@
 """The import tier: every locked distribution at its locked version, every module
-it installs imports (one process per module, so one abort fails one module),
-and what the arch's dispatch paths need (envs/loaders.toml): torch's CUDA,
-sglang's server args, kt-kernel, flashinfer + cubin, tilelang + tvm-ffi,
-transformers + the DeepSeek-V4 config, the sgl-kernel payload."""
+it installs imports (each in its own process, forked from the smoke's fork
+server, so one abort fails one module), what the arch's dispatch paths need
+(envs/loaders.toml): torch's CUDA, sglang's server args, kt-kernel,
+flashinfer + cubin, tilelang + tvm-ffi, transformers + the DeepSeek-V4 config,
+the sgl-kernel payload; and upstream's own self-checks (kt doctor, kt version,
+sglang.check_env; selfcheck.py)."""
 
 from __future__ import annotations
 
@@ -16,14 +18,16 @@ from ..build.ktkernel.verify import verify_prebuilt
 from ..errors import KtenvError
 from ..serve import tune
 from .cudacode import runs_on
-from .result import FAILED, NEEDS_GPU, PASSED, SKIPPED, Context, Result, probe, version as _v
+from .result import FAILED, NEEDS_GPU, PASSED, SKIPPED, Context, Result, fork_server, probe, version as _v
+from .selfcheck import selfcheck_results
 
 
-def _import_result(ctx: Context, name: str, r: dict | None, why: str) -> Result:
-    if r is None:
-        return Result("import", f"import {name}", FAILED, f"`import {name}` {why}",
+def _import_result(ctx: Context, name: str, r: dict) -> Result:
+    if r.get("died"):
+        return Result("import", f"import {name}", FAILED, f"`import {name}` {r['died']}",
                       "Run the import by hand in the env to see the whole error; a signal means a native "
-                      "library aborted the interpreter (see FACTS: tvm-ffi 0.1.12).")
+                      "library aborted the interpreter (e.g. apache-tvm-ffi 0.1.12 beside tilelang, "
+                      "kvcache-ai/ktransformers#2045).")
     if r.get("ok"):
         note = f" (only after `import {', '.join(r['after'])}`)" if r.get("after") else ""
         return Result("import", f"import {name}", PASSED, f"imported in {r['seconds']} s{note}")
@@ -42,15 +46,9 @@ def _import_result(ctx: Context, name: str, r: dict | None, why: str) -> Result:
 
 
 def _import_one(ctx: Context, name: str) -> Result:
-    r, why = probe(ctx, "smoke_import.py", ["import", name])
-    if r and not r["ok"] and not r.get("needs_gpu") and re.search(r"lib\S+\.so\S*: cannot open shared object", r["error"]):
-        # Some extensions (mscclpp) find the CUDA runtime only because torch,
-        # imported first in real use, has loaded it from the nvidia-* wheels.
-        r2, _ = probe(ctx, "smoke_import.py", ["import", name, "--after", "torch"])
-        if r2 and (r2.get("ok") or r2.get("needs_gpu")):
-            r2["after"] = ["torch"]
-            r = r2
-    return _import_result(ctx, name, r, why)
+    """Import one module in its own process (see probes/fork_server.py for the "after torch" retry)."""
+    with fork_server(ctx) as forks:
+        return _import_result(ctx, name, forks.submit({"kind": "import", "module": name}).result())
 
 
 def _versions(ctx: Context, inv: dict) -> Result:
@@ -247,31 +245,41 @@ def _payload(ctx: Context, site: Path) -> Result:
                   f"on {ctx.arch.name} it loads {src}", detail={"root": where.get("root")})
 
 
-def import_tier(ctx: Context) -> list[Result]:
-    inv, why = probe(ctx, "smoke_import.py", ["inventory"], {"requirements": ctx.requirements})
-    if inv is None:
-        return [Result("import", "inventory", FAILED, f"listing the env's distributions {why}",
-                       f"{ctx.python} cannot even read its own metadata; rebuild the env.")]
-    results = [_versions(ctx, inv)]
+def _sweep(ctx: Context, inv: dict, forks) -> Result | list[Result]:
     mods = sorted({m for ms in inv["modules"].values() for m in ms})
     if ctx.modules is not None:
         mods = [m for m in mods if m in ctx.modules]
     t = time.monotonic()
-    with ThreadPoolExecutor(ctx.workers) as pool:
-        per_module = list(pool.map(lambda m: _import_one(ctx, m), mods))
+    futures = [(m, forks.submit({"kind": "import", "module": m})) for m in mods]
+    per_module = [_import_result(ctx, m, f.result()) for m, f in futures]
     counts = {s: sum(1 for r in per_module if r.status == s) for s in (PASSED, FAILED, NEEDS_GPU, SKIPPED)}
     sweep = Result("import", "module imports", FAILED if counts[FAILED] else PASSED,
-                   f"{len(mods)} modules of {len(inv['modules'])} distributions, {ctx.workers} at a time, in "
-                   f"{time.monotonic() - t:.0f} s: {counts[PASSED]} imported, {counts[NEEDS_GPU]} need the GPU driver, "
-                   f"{counts[SKIPPED]} not needed, {counts[FAILED]} failed",
+                   f"{len(mods)} modules of {len(inv['modules'])} distributions, each in its own process, "
+                   f"{ctx.workers} at a time, in {time.monotonic() - t:.0f} s: {counts[PASSED]} imported, "
+                   f"{counts[NEEDS_GPU]} need the GPU driver, {counts[SKIPPED]} not needed, {counts[FAILED]} failed",
                    detail={"modules": {r.name[7:]: {"status": r.status, "evidence": r.evidence} for r in per_module}})
-    results.append(sweep)
-    results += [r for r in per_module if r.status != PASSED]
-    results.append(_torch(ctx))
-    results.append(_server_args(ctx))
-    results.append(_kt_kernel(ctx))
-    results += _flashinfer(ctx)
-    results.append(_tilelang(ctx))
-    results.append(_transformers(ctx))
-    results.append(_payload(ctx, Path(inv["site_packages"])))
+    return [sweep] + [r for r in per_module if r.status != PASSED]
+
+
+def import_tier(ctx: Context) -> list[Result]:
+    with fork_server(ctx) as forks, ThreadPoolExecutor(12) as pool:
+        # The inventory needs no torch: the bare parent runs it while the warm one preloads.
+        inv_run = pool.submit(forks.script, "smoke_import.py", ["inventory"], stdin={"requirements": ctx.requirements},
+                              parent="bare")
+        # Longest first (kt doctor starts sglang's launcher in a new process); each blocks on its own job.
+        upstream = pool.submit(selfcheck_results, ctx)
+        checks = [pool.submit(f, ctx) for f in (_torch, _server_args, _kt_kernel, _flashinfer, _tilelang, _transformers)]
+        inv_done = inv_run.result()
+        inv = inv_done.result
+        if inv is None:
+            return [Result("import", "inventory", FAILED, f"listing the env's distributions {inv_done.why}",
+                           f"{ctx.python} cannot even read its own metadata; rebuild the env.")]
+        results = [_versions(ctx, inv)]
+        payload_check = pool.submit(_payload, ctx, Path(inv["site_packages"]))
+        results += _sweep(ctx, inv, forks)
+        for f in checks:
+            got = f.result()
+            results += got if isinstance(got, list) else [got]
+        results.append(payload_check.result())
+        results += upstream.result()
     return results

@@ -3,16 +3,14 @@ a float32 torch reference, on this CPU (probes/kt_moe.py)."""
 
 from __future__ import annotations
 
-from .. import probe as proberun
-from .result import FAILED, PASSED, Context, Result
+from .result import FAILED, PASSED, Context, Result, probe
 
 
 def kernel_tier(ctx: Context) -> list[Result]:
     name = "KT-Kernel MXFP4 MoE vs torch"
-    run = proberun.run(ctx.python, "kt_moe.py", timeout=900, env=ctx.env)
-    rep = run.result
+    rep, why = probe(ctx, "kt_moe.py", [], timeout=900)  # forked from the smoke's fork server when one runs
     if rep is None:
-        return [Result("kernel", name, FAILED, f"the MoE probe {run.why}",
+        return [Result("kernel", name, FAILED, f"the MoE probe {why}",
                        "SIGILL means the loaded kt-kernel build uses instructions this CPU lacks (#1713); "
                        "otherwise run ktenv/probes/kt_moe.py by hand in the env.")]
     shape = rep.get("shape", {})

@@ -4,11 +4,10 @@
     python smoke_import.py import MOD [--after A,B]                 import one module (after A, B), report how it went
     python smoke_import.py check NAME  < {...}                      one named check (torch, flashinfer, ...)
 
-Each prints one line `KTENV-RESULT {json}` last on stdout; ktenv (which never
-imports torch or sglang itself) runs every call in its own process, so a
-library that aborts the interpreter (tvm-ffi's `__ffi_repr__ already
-registered`) takes down only that call. Standard library only at module level:
-the env may be broken in any way, and this script must still report.
+Each prints one line `KTENV-RESULT {json}` last on stdout. Every call runs in
+its own process (fork_server.py forks them during smoke), so a library that
+aborts the interpreter takes down only that call. Standard library only at
+module level: the env may be broken in any way, and this must still report.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import csv
 import importlib
 import importlib.metadata as md
-import importlib.util
 import io
 import json
 import os
@@ -35,6 +33,13 @@ NEEDS_GPU = re.compile(
     r"|no CUDA-capable device|CUDA driver version is insufficient|cudaErrorNoDevice|CUDA_ERROR_NO_DEVICE"
     r"|cuInit|libnvidia-ml\.so"
 )
+# What CUDA says in a child forked from a parent that asked torch for the GPU count: the fork
+# server allows that only without the NVIDIA driver (KTENV_FORK_WITHOUT_DRIVER), where CUDA fails anyway.
+FORK_NO_DRIVER = re.compile(r"Cannot re-initialize CUDA in forked subprocess")
+
+
+def needs_gpu(tb: str) -> bool:
+    return bool(NEEDS_GPU.search(tb) or (os.environ.get("KTENV_FORK_WITHOUT_DRIVER") and FORK_NO_DRIVER.search(tb)))
 
 
 def emit(obj: dict) -> None:
@@ -49,20 +54,22 @@ def _norm(name: str) -> str:
 
 # --- inventory ---------------------------------------------------------------
 
+_MEMO: dict = {}
+
+
+def _memo(kind: str, dist, make):
+    if (kind, id(dist)) not in _MEMO:
+        _MEMO[kind, id(dist)] = make()
+    return _MEMO[kind, id(dist)]
+
+
+def _name(dist) -> str:  # dist.metadata parses all of METADATA on every access (~19 s once per RECORD row)
+    return _memo("name", dist, lambda: dist.metadata["Name"])
+
+
 def _record_rows(dist) -> list[tuple[str, str, str]]:
-    text = dist.read_text("RECORD") or ""
-    return [tuple((row + ["", "", ""])[:3]) for row in csv.reader(io.StringIO(text)) if row]
-
-
-def _module_name(first: str) -> str | None:
-    """The importable name of a top-level RECORD entry, or None if it is not one."""
-    if first.endswith(".py"):
-        name = first[:-3]
-    elif first.endswith(".so") or ".cpython-" in first or ".abi3." in first:
-        name = first.split(".", 1)[0]
-    else:
-        name = first
-    return name if name.isidentifier() else None
+    return _memo("rows", dist, lambda: [tuple((row + ["", "", ""])[:3])
+                                        for row in csv.reader(io.StringIO(dist.read_text("RECORD") or "")) if row])
 
 
 def _pth_roots(site: Path) -> list[tuple[str, ...]]:
@@ -101,7 +108,7 @@ def top_modules(dists: list, site: Path) -> dict[str, list[str]]:
     rows: dict[str, list[tuple[str, ...]]] = {}
     init_owners: dict[tuple[str, ...], set[str]] = {}
     for d in dists:
-        name = d.metadata["Name"]
+        name = _name(d)
         mine = []
         for path, _, _ in _record_rows(d):
             parts = tuple(path.split("/"))
@@ -117,7 +124,7 @@ def top_modules(dists: list, site: Path) -> dict[str, list[str]]:
         rows[name] = mine
     out: dict[str, list[str]] = {}
     for d in dists:
-        name = d.metadata["Name"]
+        name = _name(d)
         mods: set[str] = set()
         for parts in rows[name]:
             top = parts[0]
@@ -149,7 +156,7 @@ def overlapping_files(dists: list) -> dict[str, list[str]]:
     for d in dists:
         for path, _, _ in _record_rows(d):
             if "__pycache__" not in path and ".dist-info/" not in path:
-                seen.setdefault(path, []).append(d.metadata["Name"])
+                seen.setdefault(path, []).append(_name(d))
     return {p: names for p, names in seen.items() if len(names) > 1}
 
 
@@ -185,7 +192,7 @@ def inventory(req: dict) -> dict:
         pass
     installed = {}
     for d in md.distributions():
-        installed.setdefault(_norm(d.metadata["Name"]), d)
+        installed.setdefault(_norm(_name(d)), d)
     checked, wrong, missing, skipped = [], [], [], []
     wanted = []
     for r in req.get("requirements", []):
@@ -211,14 +218,14 @@ def inventory(req: dict) -> dict:
             wrong.append(f"{r['name']}: installed {have}, locked {r['version']}")
         checked.append(key)
         wanted.append(d)
-    extra = sorted(d.metadata["Name"] + "==" + d.version for k, d in installed.items() if k not in set(checked))
+    extra = sorted(_name(d) + "==" + d.version for k, d in installed.items() if k not in set(checked))
     root = Path(wanted[0].locate_file("")) if wanted else Path(".")
     damaged = {}
     shared = overlapping_files(wanted)
     for d in wanted:
         n, examples = _missing_files(d, Path(d.locate_file("")), shared)
         if n:
-            damaged[d.metadata["Name"]] = {"count": n, "examples": examples}
+            damaged[_name(d)] = {"count": n, "examples": examples}
     return {
         "python": sys.version.split()[0],
         "site_packages": str(root),
@@ -235,12 +242,14 @@ def inventory(req: dict) -> dict:
 
 # --- import one module ---------------------------------------------------------
 
-def import_one(name: str, after: list[str]) -> dict:
+def import_one(name: str, after: list[str], passthrough: tuple = ()) -> dict:
     for first in after:
         importlib.import_module(first)
     t = time.perf_counter()
     try:
         importlib.import_module(name)
+    except passthrough:
+        raise
     except BaseException as e:  # SystemExit from a module body counts as a failure too
         text = f"{type(e).__name__}: {e}"
         tb = traceback.format_exc()
@@ -249,7 +258,7 @@ def import_one(name: str, after: list[str]) -> dict:
             "ok": False,
             "seconds": round(time.perf_counter() - t, 2),
             "error": text[:2000],
-            "needs_gpu": bool(NEEDS_GPU.search(tb)),
+            "needs_gpu": needs_gpu(tb),
             "traceback_tail": tb[-1500:],
         }
     return {"module": name, "ok": True, "seconds": round(time.perf_counter() - t, 2)}
@@ -296,7 +305,7 @@ def check_flashinfer(arg: dict) -> dict:
     except Exception as e:
         tb = traceback.format_exc()
         out["import_error"] = f"{type(e).__name__}: {e}"[:1000]
-        out["needs_gpu"] = bool(NEEDS_GPU.search(tb))
+        out["needs_gpu"] = needs_gpu(tb)
         return out
     out["flashinfer_version"] = getattr(flashinfer, "__version__", None)
     try:
@@ -389,7 +398,7 @@ def main(argv: list[str]) -> int:
             result = {"ok": True, **CHECKS[argv[2]](arg)}
         except BaseException as e:
             tb = traceback.format_exc()
-            result = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000], "needs_gpu": bool(NEEDS_GPU.search(tb)),
+            result = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000], "needs_gpu": needs_gpu(tb),
                       "traceback_tail": tb[-1500:]}
         result["seconds"] = round(time.perf_counter() - t, 2)
         emit(result)

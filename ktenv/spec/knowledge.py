@@ -10,12 +10,13 @@ where one is needed), so that a newer stack can say where it differs.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
 from ..errors import SpecError
-from .model import ExpertShape, Knowledge, Known, KtKernel, Loaders, Model, PathNeed
+from .model import SELFCHECK_KINDS, ExpertShape, Knowledge, Known, KtKernel, Loaders, Model, PathNeed, SelfCheckNote
 from .toml import check_keys, need, read, specifier
 from .toolchain import load as load_toolchain
 
@@ -62,7 +63,7 @@ def _model(root: Path) -> Model:
 def _loaders(root: Path) -> Loaders:
     path = root / "loaders.toml"
     data = read(path)
-    check_keys(path, data, {"import_exempt", "paths", "sgl_kernel", "audit"}, "the top level")
+    check_keys(path, data, {"import_exempt", "paths", "sgl_kernel", "audit", "smoke", "selfcheck"}, "the top level")
     exempt = {}
     for module, t in data.get("import_exempt", {}).items():
         where = f"[import_exempt.{module}]"
@@ -94,8 +95,32 @@ def _loaders(root: Path) -> Loaders:
             out.append((need(path, t, "pattern", str, where), " ".join(need(path, t, "why", str, where).split())))
         return tuple(out)
 
+    preload = None
+    if "smoke" in data:
+        sm = need(path, data, "smoke", dict, "the file")
+        check_keys(path, sm, {"stack", "preload", "reason", "evidence"}, "[smoke]")
+        preload = (tuple(need(path, sm, "preload", list, "[smoke]")), _known(path, sm, "[smoke]"))
     return Loaders(exempt, paths, dict(need(path, sk, "common_ops", dict, "[sgl_kernel]")),
-                   need(path, sk, "common_ops_default", str, "[sgl_kernel]"), patterns("loaded"), patterns("blind"))
+                   need(path, sk, "common_ops_default", str, "[sgl_kernel]"), patterns("loaded"), patterns("blind"),
+                   preload, _selfcheck(path, data.get("selfcheck", [])))
+
+
+def _selfcheck(path: Path, entries: list) -> tuple[SelfCheckNote, ...]:
+    out = []
+    for n, t in enumerate(entries):
+        where = f"[[selfcheck]] #{n + 1}"
+        check_keys(path, t, {"tool", "item", "says", "kind", "stack", "reason", "evidence"}, where)
+        kind = need(path, t, "kind", str, where)
+        if kind not in SELFCHECK_KINDS:
+            raise SpecError(f"{path}: {where}.kind is {kind!r}; it must be one of {', '.join(SELFCHECK_KINDS)}.")
+        says = need(path, t, "says", str, where)
+        try:
+            re.compile(says)
+        except re.error as e:
+            raise SpecError(f"{path}: {where}.says is not a regular expression ({e}).") from None
+        out.append(SelfCheckNote(need(path, t, "tool", str, where), need(path, t, "item", str, where), says, kind,
+                                 _known(path, t, where)))
+    return tuple(out)
 
 
 def _min_driver(root: Path) -> dict[str, str]:

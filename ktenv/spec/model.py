@@ -173,6 +173,19 @@ class PathNeed:
     remedy: str = ""  # what the import tier tells the user when a required path is missing
 
 
+SELFCHECK_KINDS = ("quirk", "needs-gpu", "host", "covered")
+
+
+@dataclass(frozen=True)
+class SelfCheckNote:
+    """A warning an upstream self-check (kt doctor, sglang.check_env) gives in a correct env, and why."""
+    tool: str
+    item: str
+    says: str  # regular expression on what the tool printed for `item`
+    kind: str  # one of SELFCHECK_KINDS
+    known: Known
+
+
 @dataclass(frozen=True)
 class Loaders:
     import_exempt: dict[str, Known]
@@ -181,9 +194,16 @@ class Loaders:
     common_ops_default: str
     audit_loaded: tuple[tuple[str, str], ...]  # (path regex, why)
     audit_blind: tuple[tuple[str, str], ...]
+    preload: tuple[tuple[str, ...], Known] | None = None  # [smoke] preload: the fork server's warm imports
+    selfcheck: tuple[SelfCheckNote, ...] = ()
 
     def common_ops_dir(self, compute_capability: str) -> str:
         return self.common_ops.get(compute_capability, self.common_ops_default)
+
+    def preload_for(self, stack_version: str) -> list[str]:
+        if self.preload is None or not self.preload[1].holds(stack_version):
+            return []
+        return list(self.preload[0])
 
 
 @dataclass(frozen=True)

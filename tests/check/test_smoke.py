@@ -13,6 +13,7 @@ reinstall, so nothing in uv's cache is modified through a hard link.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +25,8 @@ from ktenv import spec as specmod
 from ktenv import target
 from ktenv.build.ktkernel.variants import best_variant
 from ktenv.check import smoke, tier_import, tier_kernel, tier_launch
-from ktenv.check.result import FAILED, NEEDS_GPU, PASSED, SKIPPED, probe
+from ktenv.check import selfcheck
+from ktenv.check.result import FAILED, NEEDS_GPU, PASSED, SKIPPED, fork_server, probe
 from ktenv.host import gpu as gpumod
 from ktenv.host.cpu import cpu_info
 from ktenv.probes import smoke_server
@@ -269,6 +271,22 @@ def test_import_tier_on_a_good_env(good_env):
                  "transformers + DeepSeek-V4 config", "sgl-kernel payload"):
         assert by_name(results, name).status == PASSED, by_name(results, name)
     assert "comes from transformers-kt" in by_name(results, "transformers + DeepSeek-V4 config").evidence
+    # One process per module still, each module judged; mscclpp finds the CUDA runtime only after torch.
+    assert "each in its own process" in sweep.evidence
+    assert "only once `import torch` has loaded it" in by_name(results, "import _mscclpp").evidence
+    # Upstream's own checks: pip makes kt doctor see the fork; the rest are known quirks or need the GPU.
+    doctor = by_name(results, "kt doctor -v")
+    assert doctor.status == PASSED and "known false warnings: " in doctor.evidence
+    assert {("SGLang Source", "sglang-kt")} <= {(r["check"], r["value"]) for r in doctor.detail["rows"]}
+    assert "sglang 'Not installed'" in doctor.evidence and "transformers 'Not installed'" in doctor.evidence
+    assert by_name(results, "kt version").evidence.startswith("kt-kernel 0.7.2, sglang-kt 0.7.2 (sglang-kt)")
+    names = by_name(results, "upstream names")
+    assert names.status == PASSED and "sglang.__version__ '0.0.0.dev0'" in names.evidence
+    if not gpumod.detect().gpus:
+        assert by_name(results, "kt doctor: GPU detection").status == NEEDS_GPU
+    if shutil.which("nvidia-smi") is None:
+        crash = by_name(results, "sglang.check_env: crash")
+        assert crash.status == NEEDS_GPU and "'nvidia-smi'" in crash.evidence
 
 
 @_mark
@@ -298,6 +316,8 @@ def test_cli_exit_status_and_json(good_env, envs_copy, cli):
     p = cli("smoke", "--arch", ARCH, "--prefix", str(good_env), "--envs", str(envs_copy), "--tier", "launch-cpu")
     assert p.returncode == 1
     assert "FAIL launch command parses: sglang does not know --no-such-flag" in p.stdout
+    assert "time: launch-cpu " in p.stdout and " s of CPU, " in p.stdout  # what each tier took
+    assert "launch-cpu tier: 2 result(s), 1 failed, in " in p.stderr  # progress on stderr
 
 
 @_mark
@@ -354,6 +374,16 @@ def test_tilelang_dropped_then_tvm_ffi_abort(scratch_env):
     assert r.status == FAILED
     assert "killed by SIGABRT" in r.evidence and "__ffi_repr__" in r.evidence
     assert "kvcache-ai/ktransformers#2045" in r.remedy
+    # The fork server preloads tilelang: the abort kills its warm parent, which starts again
+    # without it; tilelang fails in its own job, everything else still runs warm.
+    ctx = ctx_for(scratch_env)
+    with fork_server(ctx):
+        r = tier_import._tilelang(ctx)
+        assert tier_import._import_one(ctx, "tilelang").status == FAILED
+        assert tier_import._torch(ctx).status == PASSED
+    assert r.status == FAILED and "killed by SIGABRT" in r.evidence and "__ffi_repr__" in r.evidence
+    assert any("warm parent died (killed by SIGABRT while importing tilelang)" in n for n in ctx.last_forks["notes"])
+    assert "tilelang" not in ctx.last_forks["parents"]["warm"]["preload"]
     _uv("pip", "uninstall", "--quiet", "--python", py, "tilelang")
     r = tier_import._tilelang(ctx_for(scratch_env))
     assert r.status == FAILED and "No module named 'tilelang'" in r.evidence
@@ -423,3 +453,63 @@ def test_tiny_model_is_read_back_by_the_real_loaders(good_env, tmp_path):
     # and every id the dummy model can emit is a token of the tokenizer.
     assert {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow"} <= set(cfg["rope_scaling"])
     assert cfg["vocab_size"] == r["tokenizer"]["vocab"] and cfg["vocab_size"] % 64 == 0
+
+
+@_mark
+def test_kt_doctor_and_kt_version_without_pip(scratch_env):
+    _uv("pip", "uninstall", "--quiet", "--python", str(scratch_env / "bin/python"), "pip")
+    ctx = ctx_for(scratch_env)
+    res = selfcheck.kt_cli(ctx, *probe(ctx, "selfcheck.py", ["kt_cli"]))
+    doctor, version = by_name(res, "kt doctor -v"), by_name(res, "kt version")
+    assert doctor.status == FAILED and "SGLang Source: 'PyPI sglang (not kvcache-ai fork)'" in doctor.evidence
+    assert version.status == FAILED and "sglang-kt: '0.7.2 (PyPI)'" in version.evidence
+    assert "This env has no pip" in doctor.remedy and "pip-for-upstream-tools" in doctor.remedy
+
+
+@_mark
+def test_a_selfcheck_warning_no_entry_explains_fails(good_env, envs_copy):
+    """kt doctor's "sglang: Not installed" is a quirk only because loaders.toml says so."""
+    text = (envs_copy / "loaders.toml").read_text()
+    start = text.index('[[selfcheck]]\ntool = "kt doctor"\nitem = "sglang"')
+    (envs_copy / "loaders.toml").write_text(text[:start] + text[text.index("[[selfcheck]]", start + 1):])
+    ctx = smoke.context(target.resolve(specmod.load(envs_copy), ARCH, lock_root=REPO / "lock", prefix=good_env))
+    doctor = by_name(selfcheck.kt_cli(ctx, *probe(ctx, "selfcheck.py", ["kt_cli"])), "kt doctor -v")
+    assert doctor.status == FAILED and doctor.evidence.startswith("kt doctor warns: sglang: 'Not installed'")
+    assert "state it in envs/loaders.toml [[selfcheck]]" in doctor.remedy
+
+
+@_mark
+def test_check_env_runs_to_the_end_where_nvidia_smi_answers(good_env, tmp_path):
+    """With an nvidia-smi that fails (a driver without a GPU), sglang.check_env prints its
+    table: its "Module Not Found" lines are naming quirks or packages outside this stack."""
+    if gpumod.detect().gpus:
+        pytest.skip("a GPU is visible: check_env runs for real in test_import_tier_on_a_good_env")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no devices' >&2\nexit 9\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    ctx = ctx_for(good_env)
+    ctx.env = {**ctx.env, "PATH": f"{bin_dir}:{ctx.env['PATH']}"}
+    res = selfcheck.check_env(ctx, *probe(ctx, "selfcheck.py", ["sglang_check_env"]))
+    assert [r.status for r in res] == [PASSED], res
+    ev = res[0].evidence
+    assert "sgl_kernel 'Module Not Found'" in ev and "sglang 'Module Not Found'" in ev
+    assert "not part of this stack: " in ev and "vllm" in ev
+
+
+@_mark
+def test_a_probe_forked_from_the_server_answers_as_a_new_process_does(good_env):
+    ctx = ctx_for(good_env)
+    fresh = [probe(ctx, "smoke_import.py", ["check", name]) for name in ("torch", "transformers")]
+    with fork_server(ctx) as forks:
+        forked = [probe(ctx, "smoke_import.py", ["check", name]) for name in ("torch", "transformers")]
+        assert forks.serves(ctx.env) and not forks.serves({**ctx.env, "SGLANG_DSV4_MODE": "2601"})
+    for (a, _), (b, _) in zip(fresh, forked):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    warm = ctx.last_forks["parents"]["warm"]
+    assert warm["preload"]["torch"]["ok"]
+    if ctx.last_forks["driver"]:
+        # With the NVIDIA driver, no preload may leave children unable to use the GPU.
+        assert warm["cuda_in_children"] and "sglang.srt.server_args" not in warm["preload"]
+    else:
+        assert "sglang.srt.server_args" in warm["preload"]
