@@ -12,7 +12,8 @@ and CXX from $CONDA_PREFIX). What is real and what stands in:
   repackaged: bin/python3.X with its runpath set to $ORIGIN/../lib (as
   conda-forge's), libpython, the standard library, headers; every text file
   that names the original prefix carries conda's placeholder instead.
-- pip: the real pip of that installation, as a noarch: python package.
+- pip: the real pip running the tests, as a wheel (`pip_wheel`, which the
+  test PyPI locks pin too) and as a noarch: python package of it.
 - CUDA 12.4 (cuda-nvcc-tools, cuda-nvcc-dev_linux-64, cuda-cudart,
   cuda-cudart-dev*): NVIDIA's real nvcc, ptxas, cicc, fatbinary, nvlink,
   libcudart and headers, from the CUDA 12.4 toolkit ktenv's toolchain step
@@ -184,22 +185,48 @@ class _Exec(bytes):
     """Bytes of a file that must stay executable (make_package keys its mode on the path otherwise)."""
 
 
-def pip_files(base: Path) -> tuple[str, dict] | None:
-    site = next((base / "lib").glob("python3*/site-packages"), None)
-    info = next(site.glob("pip-*.dist-info"), None) if site else None
-    if not info:
-        return None
+def pip_wheel(out: Path) -> Path:
+    """A wheel of the pip running the tests (its installed files, RECORD written anew):
+    a real pip for the test PyPI lock, made without the network. Made once per folder."""
+    import base64
+    import importlib.metadata
+    import zipfile
+
+    dist = importlib.metadata.distribution("pip")
+    wheel = out / f"pip-{dist.version}-py3-none-any.whl"
+    if wheel.exists():
+        return wheel
+    info = f"pip-{dist.version}.dist-info"
     files = {}
-    for root, dirs, names in os.walk(site / "pip"):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        for n in names:
-            p = Path(root) / n
-            files["site-packages/" + str(p.relative_to(site))] = p.read_bytes()
-    for n in ("METADATA", "WHEEL", "LICENSE.txt", "top_level.txt"):
-        if (info / n).is_file():
-            files[f"site-packages/{info.name}/{n}"] = (info / n).read_bytes()
-    files[f"site-packages/{info.name}/INSTALLER"] = "conda\n"
-    return info.name[len("pip-"):-len(".dist-info")], files
+    for f in dist.files:
+        path = str(f)
+        if path.startswith("..") or "__pycache__" in path or path.endswith(".pyc"):
+            continue  # console scripts (outside site-packages) and bytecode are the installer's
+        if path.startswith(info + "/") and path.split("/", 1)[1] in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json"):
+            continue
+        files[path] = Path(f.locate()).read_bytes()
+    record = [f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
+              for p, d in sorted(files.items())]
+    files[f"{info}/RECORD"] = ("\n".join(record + [f"{info}/RECORD,,"]) + "\n").encode()
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel.with_suffix(".tmp"), "w") as z:
+        for path, data in sorted(files.items()):
+            z.writestr(path, data)
+    wheel.with_suffix(".tmp").replace(wheel)
+    return wheel
+
+
+def pip_package(channel: Path, wheel: Path, python_min: str, build: str = "pyh_ktenv_0") -> Path:
+    """conda-forge's pip is a noarch: python package of the wheel's files under
+    site-packages/ (RECORD kept, INSTALLER "conda"): made the same way from a real wheel."""
+    import zipfile
+
+    version = wheel.name.split("-")[1]
+    with zipfile.ZipFile(wheel) as z:
+        files = {f"site-packages/{n}": z.read(n) for n in z.namelist() if not n.endswith("/")}
+    files[f"site-packages/pip-{version}.dist-info/INSTALLER"] = "conda\n"
+    return make_package(channel, "pip", version, build, "noarch", depends=[f"python >={python_min}"],
+                        files=files, noarch="python")
 
 
 # --- CUDA in conda-forge's layout --------------------------------------------------
@@ -287,9 +314,7 @@ def build_channel(channel: Path, interpreter: str = sys.executable, toolkit: Pat
     pyver, pyfiles = python_files(base, work)
     make_package(channel, "python", pyver, "h_ktenv_0", depends=[GLIBC, "libgcc >=13"], files=pyfiles)
     mm = ".".join(pyver.split(".")[:2])
-    pip = pip_files(base)
-    if pip:
-        make_package(channel, "pip", pip[0], "pyh_ktenv_0", "noarch", depends=[f"python >={mm}"], files=pip[1], noarch="python")
+    pip_package(channel, pip_wheel(work), mm)
 
     make_package(channel, "libgcc", "14.2.0", "h_ktenv_2", depends=[GLIBC], files={"share/ktenv-standin/libgcc": "stand-in\n"})
     make_package(channel, "libstdcxx", "14.2.0", "h_ktenv_2", depends=["libgcc 14.2.0 h_ktenv_2"], files={"share/ktenv-standin/libstdcxx": "stand-in\n"})

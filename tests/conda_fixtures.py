@@ -82,10 +82,11 @@ def needs_host_python(spec):
         pytest.skip(f"the conda python repackages this interpreter ({HOST_PY}), which the stack does not target ({spec.stack.python})")
 
 
-def pypi_lock(lock_dir: Path, wheels: Path, extra: list[Path] = ()) -> Path:
-    """A PyPI lock (requirements.txt + lock.toml) of ktenv-probe-pkg and any `extra` wheels, from a local folder."""
+def pypi_lock(lock_dir: Path, wheels: Path, extra: list[Path] = (), pip: bool = True) -> Path:
+    """A PyPI lock (requirements.txt + lock.toml) of ktenv-probe-pkg, pip (as the real locks pin it; the
+    channel's pip is the same) and any `extra` wheels, from a local folder."""
     lock_dir.mkdir(parents=True, exist_ok=True)
-    found = [conda_channel.make_wheel(wheels), *extra]
+    found = [conda_channel.make_wheel(wheels), *([conda_channel.pip_wheel(wheels)] if pip else []), *extra]
     lines = ["--no-index", f"--find-links {wheels}"]
     for w in sorted(found):
         name, version = w.name.split("-")[:2]

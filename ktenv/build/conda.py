@@ -180,12 +180,24 @@ def conda_files(where: Path) -> dict[str, str]:
     return out
 
 
+def _installer(dist) -> str:
+    try:
+        return (dist.dist_info / "INSTALLER").read_text().strip()
+    except OSError:
+        return ""
+
+
 def check_no_overlap(where: Path, before: dict[str, str]) -> None:
     """Refuse, by name, a PyPI distribution that overwrote or removed a file of a conda package."""
     site = dists.site_packages(where)
     site_rel = os.path.relpath(site, where)
     owners: dict[str, str] = {}
-    for dist, path, _ in dists.record_entries(dists.installed(site).values()):
+    # conda's own Python packages (pip) carry a RECORD too, with INSTALLER "conda";
+    # a PyPI install over them rewrites INSTALLER, so they are told apart by it.
+    # Every dist-info, not one per name: a PyPI install over a conda package can
+    # leave the conda one's emptied dist-info folder beside its own.
+    pypi = [d for d in map(dists.dist_of, sorted(site.glob("*.dist-info"))) if _installer(d) != "conda"]
+    for dist, path, _ in dists.record_entries(pypi):
         owners[os.path.normpath(os.path.join(site_rel, path))] = f"{dist.name} {dist.version}"
     clashes = sorted((p, before[p], owners[p]) for p in set(before) & set(owners))
     gone = sorted(p for p in before if not os.path.lexists(where / p) and p not in owners)

@@ -46,14 +46,15 @@ def site_packages(prefix: Path) -> Path:
     return found[0]
 
 
+def dist_of(dist_info: Path) -> Dist:
+    """The distribution a dist-info folder names (name-version.dist-info)."""
+    name, _, version = dist_info.name[: -len(".dist-info")].partition("-")
+    return Dist(canonicalize_name(name), version, dist_info)
+
+
 def installed(site: Path) -> dict[str, Dist]:
     """Installed distributions by canonical name, from dist-info directory names alone (fast)."""
-    out = {}
-    for d in site.glob("*.dist-info"):
-        stem = d.name[: -len(".dist-info")]
-        name, _, version = stem.partition("-")
-        out[canonicalize_name(name)] = Dist(canonicalize_name(name), version, d)
-    return out
+    return {d.name: d for d in map(dist_of, site.glob("*.dist-info"))}
 
 
 def b64_digest(data: bytes) -> str:

@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -171,8 +172,8 @@ def _build_into(tmp, prefix, target, opts, want, maker, uv, patch_list, progress
         disk = preflight(target.spec.stack.sizes, prefix, env_python, lock.requirements)
     progress(f"python {pyver} ({python}); disk ok ({disk['why']})")
 
-    with _step(times, "sync"):
-        sync(uv, env_python, lock.requirements, progress, mode=maker.sync_mode)
+    with _step(times, "sync"), tempfile.TemporaryDirectory(prefix="ktenv-pypi-") as work:
+        sync(uv, env_python, maker.pypi_requirements(Path(work)), progress, mode=maker.sync_mode)
 
     with _step(times, "kt_install"):
         kt_built = ktinstall.install(kt, tmp, lock, opts.kt_source, opts.target_isa, progress)

@@ -37,6 +37,7 @@ class UvBackend:
     sync_mode = "sync"
 
     def __init__(self, target, requested: str | None):
+        self.target = target
         self.python, self.version = find_python(target.lock.python, requested)
         self.requested = requested
 
@@ -54,6 +55,10 @@ class UvBackend:
         if proc.returncode != 0:
             raise KtenvError(f"`uv venv` failed for {self.python}:\n{proc.stderr.strip()[-1500:]}")
         return Made(tmp / "bin" / "python", self.version, self.python)
+
+    def pypi_requirements(self, work: Path) -> Path:
+        """What the PyPI layer installs: the whole lock."""
+        return self.target.lock.requirements
 
     def after_pypi(self, tmp: Path) -> None:
         pass
@@ -107,6 +112,15 @@ class CondaBackend:
         version = conda.check_python(tmp, self.doc, self.requested)
         self._files = conda.conda_files(tmp)
         return Made(tmp / "bin" / "python", version, str(prefix / "bin" / "python"))
+
+    def pypi_requirements(self, work: Path) -> Path:
+        """The PyPI lock less what the conda layer provides (pip, at the same version)."""
+        from ..lock import conda as condalock
+
+        req = self.target.lock.requirements
+        out = work / f"{req.parent.name}-pypi-layer.txt"
+        out.write_text(condalock.pypi_layer(self.doc, req))
+        return out
 
     def after_pypi(self, tmp: Path) -> None:
         from . import conda

@@ -8,6 +8,12 @@ The lock is written in conda-lock's own format (version 1, the one
 every PyPI package with `pip install --no-deps`), together with the
 conda-lock inputs that reproduce it (`conda-environment.yml` and
 `conda-virtual-packages.yml`, for `conda-lock --virtual-package-spec`).
+
+A package both layers name (pip: conda-lock and micromamba need it in the
+conda layer to install the pip entries, and the PyPI lock pins it because kt
+doctor looks for it) comes from conda only, at the version the PyPI lock pins
+(`{locked}` in envs/conda.toml): it is left out of the pip entries, and the
+build's PyPI layer skips it (`pypi_layer`), so no file has two owners.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from ..errors import KtenvError, LockStale, ResolveError, SpecError
+from .conda_pip import from_conda, pip_entries, pypi_layer, pypi_pin  # noqa: F401 (from_conda, pypi_layer: the build's)
 from .rattler import RattlerFailure
 from .rattler import call as _rattler
 
@@ -28,7 +36,7 @@ LOCK_FILE = "conda-lock.yml"
 ENV_FILE = "conda-environment.yml"
 VIRTUAL_FILE = "conda-virtual-packages.yml"
 STAMP = ".ktenv-conda.json"
-PLACEHOLDERS = ("python", "cuda")
+PLACEHOLDERS = ("python", "cuda", "locked")
 
 
 @dataclass(frozen=True)
@@ -83,12 +91,14 @@ def _cuda_of(spec, arch) -> str:
 
 
 def load_inputs(spec, arch: str, python: str | None = None, stack_version: str | None = None,
-                channel_url: str | None = None, exclude_newer: str | None = "stack") -> CondaInputs:
+                channel_url: str | None = None, exclude_newer: str | None = "stack",
+                lock_dir: Path | str | None = None) -> CondaInputs:
     """Read envs/conda.toml and fill it in for one arch.
 
     `channel_url` replaces the channels of envs/conda.toml (a local mirror or
     test channel). `exclude_newer` is the solve's cut-off: "stack" (the
     default) takes the stack release's `exclude_newer`, None switches it off.
+    `lock_dir` holds the PyPI lock `{locked}` reads (default lock/<arch>).
     """
     a = spec.arch(arch)
     path = Path(spec.root) / "conda.toml"
@@ -130,8 +140,9 @@ def load_inputs(spec, arch: str, python: str | None = None, stack_version: str |
             raise SpecError(f"{path}: [conda.packages] has no {needed}; {why}.")
     specs = []
     for name, version in sorted(packages.items()):
+        locked = pypi_pin(spec, arch, lock_dir, name, path) if "{locked}" in str(version) else ""
         try:
-            version = str(version).format(python=python, cuda=cuda)
+            version = str(version).format(python=python, cuda=cuda, locked=locked)
         except (KeyError, IndexError, ValueError):
             raise SpecError(
                 f"{path}: the spec of {name} ({version!r}) uses a placeholder other than "
@@ -252,14 +263,12 @@ def lock(spec, arch: str, out_dir: Path | str | None = None, channel_url: str | 
     """Solve the arch's conda packages and write lock/<arch>/conda-lock.yml: the
     conda packages plus every package of the PyPI lock beside it as a pip entry
     (and the conda-lock inputs next to it). Returns the lock's path."""
-    from .conda_pip import pip_entries
-
     yaml = _yaml()
-    inputs = load_inputs(spec, arch, python, stack_version, channel_url, exclude_newer)
     out = Path(out_dir) if out_dir else Path(spec.root).parent / "lock" / arch
     if not (out / "requirements.txt").is_file():
         raise KtenvError(f"{out}/requirements.txt: no PyPI lock to put into the conda lock. Lock it first: "
                          f"python build.py lock --arch {arch}")
+    inputs = load_inputs(spec, arch, python, stack_version, channel_url, exclude_newer, lock_dir=out)
     progress(f"conda: solving {len(inputs.specs)} specs for {arch} ({_vp_text(inputs.virtual)}) from {', '.join(inputs.channels)}")
     records = solve(inputs)
     packages = []
@@ -277,6 +286,15 @@ def lock(spec, arch: str, out_dir: Path | str | None = None, channel_url: str | 
         })
     progress(f"conda: listing the files of {out / 'requirements.txt'} for Python {inputs.python} (pip entries)")
     pips = pip_entries(out, inputs.python, inputs.subdir, offline=offline)
+    # A package both layers name comes from conda, at the PyPI lock's version.
+    pins = {p["name"]: p["version"] for p in pips}
+    both = {canonicalize_name(p["name"]): p["version"] for p in packages if canonicalize_name(p["name"]) in pins}
+    differ = [f"{n} {v} (conda) vs {pins[n]} (PyPI lock)" for n, v in sorted(both.items()) if v != pins[n]]
+    if differ:
+        raise ResolveError(
+            f"The conda layer and the PyPI lock both install {', '.join(differ)}; one file cannot have two owners "
+            "at two versions. Pin it in envs/conda.toml to the PyPI lock's version (`=={locked}`), or drop it there.")
+    pips = [p for p in pips if p["name"] not in both]
     digest = inputs.digest()
     req_sha = _sha256(out / "requirements.txt")
     doc = {
@@ -369,7 +387,8 @@ def check(spec, arch: str, lock_dir: Path | str | None = None, channel_url: str 
     # Relock with the same choices the lock was made with; only envs/ may differ.
     source = meta.get("ktenv_exclude_newer_from", "stack")
     cutoff = {"stack": "stack", "none": None}.get(source, meta.get("ktenv_exclude_newer") or None)
-    inputs = load_inputs(spec, arch, meta.get("ktenv_python"), meta.get("ktenv_stack") or None, channel_url, cutoff)
+    inputs = load_inputs(spec, arch, meta.get("ktenv_python"), meta.get("ktenv_stack") or None, channel_url, cutoff,
+                         lock_dir=lock_dir)
     req = lock_dir / "requirements.txt"
     if req.is_file() and meta.get("ktenv_requirements_sha256") != _sha256(req):
         raise LockStale(

@@ -4,7 +4,9 @@ conda-lock's format carries PyPI packages beside the conda ones (name,
 version, the URL of one artifact and its sha256); `conda-lock install` and
 `micromamba create -f` install them with `pip install --no-deps`. So that the
 conda lock alone gives the whole environment, every package of
-lock/<arch>/requirements.txt becomes such an entry.
+lock/<arch>/requirements.txt becomes such an entry, except one the conda layer
+provides itself (pip, pinned in envs/conda.toml to the PyPI lock's version
+with `{locked}`: `pypi_pin`, `from_conda`, and `pypi_layer` for the build).
 
 Which artifact: requirements.txt pins every file of a release by hash, but a
 pip entry names one. uv lists the files of each pinned release that install on
@@ -25,7 +27,7 @@ from pathlib import Path
 from packaging import tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from ..errors import KtenvError, ResolveError
+from ..errors import KtenvError, ResolveError, SpecError
 from ..tools import uv_bin
 from . import model
 
@@ -153,3 +155,40 @@ def _not_for(lock, python: str) -> set[str]:
            "platform_machine": lock.platform.split("-")[0], "platform_system": "Linux", "os_name": "posix",
            "implementation_name": "cpython", "platform_python_implementation": "CPython"}
     return {e.name for e in lock.entries() if e.marker and not Marker(e.marker).evaluate(env)}
+
+
+# --- a package both layers name (pip) -----------------------------------------------
+
+def pypi_pin(spec, arch: str, lock_dir, name: str, path: Path) -> str:
+    """The version the PyPI lock pins for `name` (the `{locked}` placeholder)."""
+    lock_dir = Path(lock_dir) if lock_dir else Path(spec.root).parent / "lock" / arch
+    req = lock_dir / "requirements.txt"
+    if not req.is_file():
+        raise KtenvError(f"{path}: the spec of {name} is `{{locked}}`, the version {req} pins, and there is no such "
+                         f"file. Lock the PyPI layer first: python build.py lock --arch {arch}")
+    pins = {e.name: e.version for e in model.parse_requirements(req.read_text())}
+    if canonicalize_name(name) not in pins:
+        raise SpecError(f"{path}: the spec of {name} is `{{locked}}`, but {req} pins no {name}. Give it a version "
+                        "of its own, or add it to the PyPI layer's roots (envs/stack.toml).")
+    return pins[canonicalize_name(name)]
+
+
+def from_conda(doc: dict, requirements: Path) -> dict[str, str]:
+    """The PyPI lock's packages the conda layer provides: {name: version} (the same in both)."""
+    pins = {e.name: e.version for e in model.parse_requirements(requirements.read_text())}
+    return {canonicalize_name(p["name"]): p["version"] for p in doc["package"]
+            if p.get("manager") == "conda" and canonicalize_name(p["name"]) in pins}
+
+
+def pypi_layer(doc: dict, requirements: Path) -> str:
+    """requirements.txt without the packages the conda layer provides: what uv installs on top."""
+    skip = from_conda(doc, requirements)
+    out, keep = [], True
+    for line in requirements.read_text().splitlines(keepends=True):
+        if line.strip() and not line.startswith((" ", "#", "-")):  # an entry's first line
+            keep = canonicalize_name(model.ENTRY.match(line.strip()).group(1)) not in skip
+        elif not line.startswith(" "):  # a header comment: not part of an entry
+            keep = True
+        if keep:
+            out.append(line)
+    return "".join(out)

@@ -12,10 +12,12 @@ extension for sm_90a with the prefix's nvcc.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,7 @@ from ktenv.build.pipeline import Options, build
 from ktenv.build.prefix import CondaBackend, backend
 from ktenv.errors import KtenvError, LockStale
 from ktenv.lock import conda
+from ktenv.lock.rattler import index_channel
 from ktenv.target import resolve
 from ktenv.tools import uv_bin
 
@@ -228,6 +231,19 @@ def test_a_failing_activation_script_is_named(spec, url, locked, tmp_path):
 EXT = REPO / "tests" / "fixtures" / "conda" / "cuda_ext.py"
 
 
+def real_pip_wheel(lock_dir: Path, out: Path) -> Path:
+    """The pip wheel the real PyPI lock pins, from PyPI, checked against the lock's hashes:
+    conda-forge's pip of that version is made from it (envs/conda.toml pins pip to the PyPI lock's)."""
+    from ktenv.lock import model
+
+    pin = next(e for e in model.parse_requirements((lock_dir / "requirements.txt").read_text()) if e.name == "pip")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(out),
+                    f"pip=={pin.version}"], check=True, capture_output=True, timeout=300)
+    wheel = next(out.glob(f"pip-{pin.version}-*.whl"))
+    assert "sha256:" + hashlib.sha256(wheel.read_bytes()).hexdigest() in pin.hashes
+    return wheel
+
+
 @pytest.fixture(scope="module")
 def conda_env(tmp_path_factory, channel):
     toolkit = conda_channel.cuda12_toolkit()
@@ -235,6 +251,12 @@ def conda_env(tmp_path_factory, channel):
         pytest.skip("no CUDA 12 toolkit on this machine to repackage as conda-forge's cuda-nvcc 12.4 (the toolchain "
                     "step provisions it: `build.py toolchain --arch sm90 --provision`, or set KTENV_TEST_CUDA12_HOME)")
     root = tmp_path_factory.mktemp("conda-env")
+    # The channel gains conda-forge's pip at the version the real lock pins, made from PyPI's wheel
+    # (a build number above the session channel's pip, which may be the same version).
+    shutil.copytree(channel, root / "channel", symlinks=True)
+    channel = root / "channel"
+    conda_channel.pip_package(channel, real_pip_wheel(REPO / "lock" / "sm90", root / "pip"), HOST_PY, "pyh_ktenv_1")
+    index_channel(channel)
     envs_dir = root / "envs"
     shutil.copytree(REPO / "envs", envs_dir)
     # The real nvcc here is 12.4 (the stack's 12.8 has no source reachable from this machine); same major as torch's.
@@ -272,6 +294,21 @@ def test_conda_env_is_the_same_pipeline(conda_env):
     assert not (prefix / "pyvenv.cfg").exists()
     out = subprocess.run([str(prefix / "bin/torchrun"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-500:]
+    # pip, in both layers' lists, is conda's, at the PyPI lock's version, and the env checks intact
+    site = dists.site_packages(prefix)
+    pips = sorted(site.glob("pip-*.dist-info"))
+    assert [p.name for p in pips] == [f"pip-{report_pin(prefix)}.dist-info"]
+    assert (pips[0] / "INSTALLER").read_text().strip() == "conda"
+    check = run_cli("env", "--arch", "sm90", "--envs", str(prefix.parent / "envs"), "--lock-dir", str(prefix.parent / "lock"),
+                    "--prefix", str(prefix), "--check", env=CACHE_ENV, timeout=600)
+    assert check.returncode == 0 and "intact" in check.stdout, check.stdout + check.stderr
+
+
+def report_pin(prefix: Path) -> str:
+    from ktenv.lock import model
+
+    return next(e.version for e in model.parse_requirements((prefix.parent / "lock/sm90/requirements.txt").read_text())
+                if e.name == "pip")
 
 
 @pytest.mark.slow

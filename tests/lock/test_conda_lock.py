@@ -154,6 +154,40 @@ def test_lock_for_every_arch_pins_the_stack_cuda(spec, url, tmp_path):
         assert {"python", "cmake", "libhwloc", "libnuma", "numactl", "libstdcxx", "cuda-cudart-dev"} <= set(pkgs)
         assert all(p["hash"]["md5"] and p["hash"]["sha256"] and p["url"].startswith(url) for p in pkgs.values() if p["manager"] == "conda")
         assert pkgs["ktenv-probe-pkg"]["manager"] == "pip" and pkgs["ktenv-probe-pkg"]["hash"]["sha256"]
+        # pip is in both layers' specs; it comes from conda, at the PyPI lock's version, and is no pip entry
+        assert pkgs["pip"]["manager"] == "conda"
+        assert pkgs["pip"]["version"] == conda_channel.pip_wheel(tmp_path / "wheels").name.split("-")[1]
+
+
+def test_a_package_both_layers_name_comes_from_conda_at_the_pypi_version(spec, url, out, envs, tmp_path):
+    needs_host_python(spec)
+    # `{locked}` needs the name in the PyPI lock
+    bare = tmp_path / "bare" / "sm90"
+    pypi_lock(bare, tmp_path / "wheels", pip=False)
+    with pytest.raises(SpecError, match=r"the spec of pip is `\{locked\}`, but .*requirements.txt pins no pip"):
+        conda.load_inputs(spec, "sm90", lock_dir=bare)
+    with pytest.raises(KtenvError, match=r"the spec of pip is `\{locked\}`.*there is no such file.*build.py lock --arch sm90"):
+        conda.load_inputs(spec, "sm90", lock_dir=tmp_path / "nowhere")
+    # Two versions of one package in the two layers: refused, naming both
+    (envs / "conda.toml").write_text((envs / "conda.toml").read_text().replace('pip = "=={locked}"', 'pip = "*"'))
+    other = tmp_path / "other" / "sm90"
+    pypi_lock(other, tmp_path / "w99", extra=[conda_channel.make_wheel(tmp_path / "w99", "pip", "99.0")], pip=False)
+    with pytest.raises(ResolveError, match=r"both install pip \S+ \(conda\) vs 99.0 \(PyPI lock\).*`==\{locked\}`"):
+        conda.lock(specmod.load(envs), "sm90", out_dir=other, channel_url=url, python=HOST_PY, exclude_newer=None,
+                   progress=lambda *_: None)
+
+
+def test_pypi_layer_leaves_out_what_conda_provides(tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("# header\n--no-index\naaa==1.0 \\\n    --hash=sha256:aa\n    # via x\n"
+                   "pip==26.3 \\\n    --hash=sha256:p1 \\\n    --hash=sha256:p2\n    # via (root)\n"
+                   "zzz==2.0 ; python_version >= '3.11' \\\n    --hash=sha256:zz\n")
+    doc = {"package": [{"name": "pip", "version": "26.3", "manager": "conda"},
+                       {"name": "python", "version": "3.11.7", "manager": "conda"},
+                       {"name": "aaa", "version": "1.0", "manager": "pip"}]}
+    assert conda.from_conda(doc, req) == {"pip": "26.3"}
+    assert conda.pypi_layer(doc, req) == ("# header\n--no-index\naaa==1.0 \\\n    --hash=sha256:aa\n    # via x\n"
+                                          "zzz==2.0 ; python_version >= '3.11' \\\n    --hash=sha256:zz\n")
 
 
 def test_lock_is_read_by_conda_lock(out, spec, url, tmp_path):
@@ -182,7 +216,10 @@ def test_lock_is_read_by_conda_lock(out, spec, url, tmp_path):
     assert ours["ktenv-probe-pkg"]["manager"] == "pip" and ours["ktenv-probe-pkg"]["url"].endswith("ktenv_probe_pkg-0.1.0-py3-none-any.whl")
     assert ours["pip"]["manager"] == "conda"
     assert "__cuda-12.8-0.tar.bz2" in parsed["virtual"] and "__glibc-2.35-0.tar.bz2" in parsed["virtual"]
-    assert sorted(conda.load_inputs(spec, "sm120", channel_url=url).specs) == parsed["specs"]
+    # conda-lock writes an exact version without "==" (a plain conda version is exact)
+    ours_specs = sorted(x.replace(" ==", " ") for x in conda.load_inputs(spec, "sm120", channel_url=url, lock_dir=out).specs)
+    assert ours_specs == parsed["specs"]
+    assert f"pip {ours['pip']['version']}" in parsed["specs"]  # pip at the PyPI lock's version, from conda
 
 
 def test_conda_lock_renders_an_explicit_file(out, spec, url, tmp_path):
@@ -346,8 +383,10 @@ def test_pip_entries_follow_the_pypi_lock(tmp_path):
     d = tmp_path / "sm90"
     pypi_lock(d, tmp_path / "wheels")
     entries = pip_entries(d, "3.11", "linux-64")
-    assert [(e["name"], e["version"], e["manager"]) for e in entries] == [("ktenv-probe-pkg", "0.1.0", "pip")]
-    assert entries[0]["hash"]["sha256"] in (d / "requirements.txt").read_text()
+    pip_version = conda_channel.pip_wheel(tmp_path / "wheels").name.split("-")[1]
+    assert [(e["name"], e["version"], e["manager"]) for e in entries] == [("ktenv-probe-pkg", "0.1.0", "pip"),
+                                                                          ("pip", pip_version, "pip")]
+    assert all(e["hash"]["sha256"] in (d / "requirements.txt").read_text() for e in entries)
     with pytest.raises(KtenvError, match="made for Python 3.11 or 3.12, not 3.10"):
         pip_entries(d, "3.10", "linux-64")
 
