@@ -32,3 +32,14 @@ def test_a_skip_for_something_ktenv_installs_fails(tmp_path):
     assert p.returncode == 1
     assert "2 test(s) skipped for a reason that is not on .ci/allowed-skips.txt" in p.stderr
     assert "uv is not on PATH" in p.stderr and "actionlint is not installed" in p.stderr
+
+
+def test_the_readme_command_collects_every_test_file():
+    """`pytest -ra` from the root must reach every tests/**/test_*.py: pytest's default
+    norecursedirs include "build", which once left tests/build/ out without a word."""
+    p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    collected = {line.split("::", 1)[0] for line in p.stdout.splitlines() if "::" in line}
+    files = {str(f.relative_to(REPO)) for f in (REPO / "tests").rglob("test_*.py") if "fixtures" not in f.parts}
+    assert files - collected == set()
