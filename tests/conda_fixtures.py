@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import conda_channel
-from conftest import REPO
+from conftest import REPO, cuda12_home
 from ktenv import spec as specmod
 from ktenv.lock import model
 
@@ -35,6 +35,7 @@ def spec():
 def channel(tmp_path_factory):
     where = tmp_path_factory.getbasetemp() / "conda-shared" / "channel"
     if not (where / "linux-64" / "repodata.json").exists():
+        cuda12_home()  # provisioned as scripts/bootstrap.sh does, so cuda-nvcc 12.4 is NVIDIA's real nvcc
         conda_channel.build_channel(where, toolkit=conda_channel.cuda12_toolkit())
     return where
 

@@ -57,6 +57,22 @@ def sm89_env() -> Path:
     return prefix
 
 
+def cuda12_home() -> Path:
+    """A real CUDA 12 toolkit: Debian's 12.4, provisioned from envs/toolchain.toml's pinned
+    archives as scripts/bootstrap.sh does (cached in ktenv's cache after the first run)."""
+    from ktenv.build import cuda_fetch, toolchain
+
+    debian = next(s for s in toolchain.load(REPO / "envs").sources if s.name == "debian-trixie-12.4")
+    return Path(cuda_fetch.provision(debian, progress=lambda m: None))
+
+
+def cuda13_home() -> Path:
+    """A real CUDA 13 nvcc: PyPI's nvidia-cuda-nvcc 13 (a test dependency), the major torch cu128 refuses."""
+    import nvidia
+
+    return next(Path(p) / "cu13" for p in nvidia.__path__ if (Path(p) / "cu13" / "bin" / "nvcc").exists())
+
+
 def sync_raw_env(dest: Path, arch: str = "sm90") -> Path:
     """A plain `uv venv` + `uv pip sync` of lock/<arch> at dest: no ktenv patches, no payload.
 

@@ -246,10 +246,7 @@ def real_pip_wheel(lock_dir: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def conda_env(tmp_path_factory, channel):
-    toolkit = conda_channel.cuda12_toolkit()
-    if toolkit is None:
-        pytest.skip("no CUDA 12 toolkit on this machine to repackage as conda-forge's cuda-nvcc 12.4 (the toolchain "
-                    "step provisions it: `build.py toolchain --arch sm90 --provision`, or set KTENV_TEST_CUDA12_HOME)")
+    assert conda_channel.cuda12_toolkit() is not None  # the channel fixture provisioned it
     root = tmp_path_factory.mktemp("conda-env")
     # The channel gains conda-forge's pip at the version the real lock pins, made from PyPI's wheel
     # (a build number above the session channel's pip, which may be the same version).

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cuda12_home, cuda13_home
 from ktenv import spec as specmod
 from ktenv.build import flash_mla as fm
 from ktenv.check.cuobjdump import find_cuobjdump
@@ -200,19 +200,6 @@ def test_the_git_shim_answers_setup_py_and_nothing_else(tmp_path, pin):
 
 # --- the env and the toolkit -------------------------------------------------------------
 
-def _toolkits() -> list[Path]:
-    """Real CUDA toolkits here: nvcc on PATH, the usual /usr/local/cuda*, and any the toolchain stage provisioned."""
-    from ktenv.tools import cache_dir
-
-    homes = [Path(p).resolve().parent.parent for p in [shutil.which("nvcc")] if p]
-    homes += sorted(Path("/usr/local").glob("cuda*")) + sorted((cache_dir() / "cuda").glob("*"))
-    return [h for h in dict.fromkeys(h.resolve() for h in homes) if fm.nvcc_version(h)]
-
-
-def _cuda13_home() -> Path | None:
-    return next((h for h in _toolkits() if fm.nvcc_version(h).startswith("13.")), None)
-
-
 def test_prerequisites_name_every_missing_thing(tmp_path, pin, stack_python):
     py = stack_python
     problems = fm.check_prerequisites(tmp_path, str(py), None, pin)
@@ -226,26 +213,13 @@ def test_prerequisites_name_every_missing_thing(tmp_path, pin, stack_python):
 
 
 def test_an_nvcc_of_another_major_than_torch_is_refused(tmp_path, pin, stack_python):
-    py, home = stack_python, _cuda13_home()
-    if home is None:
-        pytest.skip("no CUDA 13 toolkit on this machine (nvcc on PATH or /usr/local/cuda*) to show the refusal with")
+    py, home = stack_python, cuda13_home()
     problems = fm.check_prerequisites(tmp_path, str(py), home, pin)
     assert any(f"nvcc 13.0 ({home}) is CUDA 13, but the env's torch is built for CUDA 12.8" in p for p in problems), problems
 
 
-def _cuda12_home() -> str | None:
-    """KTENV_TEST_CUDA12_HOME, else a CUDA 12 toolkit the toolchain stage provisioned into ktenv's cache."""
-    if os.environ.get("KTENV_TEST_CUDA12_HOME"):
-        return os.environ["KTENV_TEST_CUDA12_HOME"]
-    found = [h for h in _toolkits() if fm.nvcc_version(h).startswith("12.")]
-    return str(found[0]) if found else None
-
-
 def test_a_cuda12_older_than_12_8_is_refused(tmp_path, pin, stack_python):
-    py, home = stack_python, _cuda12_home()
-    if not home:
-        pytest.skip("no CUDA 12 toolkit: KTENV_TEST_CUDA12_HOME is unset and none is provisioned under ktenv's cache "
-                    "(the toolchain stage's `build.py toolchain --provision` puts Debian's 12.4 there)")
+    py, home = stack_python, os.environ.get("KTENV_TEST_CUDA12_HOME") or str(cuda12_home())
     version = fm.nvcc_version(home)
     assert version and version.startswith("12."), f"{home} is not a CUDA 12 toolkit"
     problems = fm.check_prerequisites(tmp_path, str(py), home, pin)
@@ -261,8 +235,12 @@ def _wheel_with(tmp_path: Path, home: Path, gencode: str) -> Path:
     cu.write_text('extern "C" __global__ void k(float* x) { x[threadIdx.x] *= 2.f; }\n')
     so = tmp_path / gencode.replace(",", "_").replace("=", "_") / "cuda.so"
     so.parent.mkdir()
-    subprocess.run([str(home / "bin" / "nvcc"), "-shared", "-Xcompiler", "-fPIC", "-gencode", gencode,
-                    str(cu), "-o", str(so)], check=True, capture_output=True)
+    # Compiled, then linked by the host compiler, as torch's BuildExtension does (nvcc 12.4's own
+    # `-shared` adds a device-link cubin that cuobjdump lists as sm_90).
+    obj = so.with_suffix(".o")
+    subprocess.run([str(home / "bin" / "nvcc"), "-c", "-Xcompiler", "-fPIC", "-gencode", gencode,
+                    str(cu), "-o", str(obj)], check=True, capture_output=True)
+    subprocess.run(["g++", "-shared", str(obj), "-o", str(so)], check=True, capture_output=True)
     whl = so.parent / "flash_mla-1.0.0-cp311-cp311-linux_x86_64.whl"
     with zipfile.ZipFile(whl, "w") as z:
         z.write(so, "flash_mla/cuda.cpython-311-x86_64-linux-gnu.so")
@@ -271,9 +249,7 @@ def _wheel_with(tmp_path: Path, home: Path, gencode: str) -> Path:
 
 
 def test_the_audit_passes_sm90a_only_and_refuses_anything_else(tmp_path, pin):
-    home = next(iter(_toolkits()), None)
-    if home is None:
-        pytest.skip("no nvcc on this machine to build the test kernels with")
+    home = cuda12_home()
     tool = find_cuobjdump()[0]  # the cuobjdump the project pins
     good = fm.audit_wheel(_wheel_with(tmp_path, home, "arch=compute_90a,code=sm_90a"), pin, tool)
     assert good["sass"] == ["sm_90a"] and good["ptx"] == []

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cuda12_home, cuda13_home, run_cli
 from ktenv import spec as specmod
 from ktenv.build import activate, cuda_fetch, toolchain
 from ktenv.errors import KtenvError, SpecError
@@ -33,8 +33,7 @@ DEBIAN = next(s for s in POLICY.sources if s.name == "debian-trixie-12.4")
 @pytest.fixture(scope="session")
 def cuda12() -> toolchain.Toolkit:
     """Debian's CUDA 12.4, provisioned from its pinned archives (cached after the first run)."""
-    home = cuda_fetch.provision(DEBIAN, progress=lambda m: None)
-    tk = toolchain.inspect(home, "test")
+    tk = toolchain.inspect(cuda12_home(), "test")
     assert tk is not None and tk.version == "12.4.131"
     return tk
 
@@ -42,10 +41,7 @@ def cuda12() -> toolchain.Toolkit:
 @pytest.fixture(scope="session")
 def cuda13() -> toolchain.Toolkit:
     """PyPI's nvidia-cuda-nvcc 13 (a test dependency): a real CUDA 13 nvcc."""
-    import nvidia
-
-    home = next(Path(p) / "cu13" for p in nvidia.__path__ if (Path(p) / "cu13" / "bin" / "nvcc").exists())
-    tk = toolchain.inspect(home, "test")
+    tk = toolchain.inspect(cuda13_home(), "test")
     assert tk is not None and tk.version.startswith("13.")
     return tk
 

@@ -60,8 +60,6 @@ def test_cuda_version_from_int():
 
 def test_nvml_and_smi_agree_on_recorded_h100():
     """The real H100 recording: both sources must describe the same GPU."""
-    if not (H100 / "nvml.json").exists():
-        pytest.skip("tests/fixtures/doctor/h100 was not recorded")
     via_nvml = gpu.from_nvml_record(json.loads((H100 / "nvml.json").read_text()))
     via_smi = gpu.from_smi((H100 / "nvidia-smi-query.csv").read_text(), (H100 / "nvidia-smi.txt").read_text())
     assert via_nvml.source == "nvml" and via_smi.source == "nvidia-smi"
