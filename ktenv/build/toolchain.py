@@ -165,6 +165,19 @@ def candidates(environ: Mapping[str, str] | None = None, prefix: str | Path | No
     return out
 
 
+def _passed_over(rejected: list[dict]) -> str:
+    """Rejected toolkits, one reason each, homes sharing a reason named together.
+
+    A wrapper script on PATH (/usr/local/bin/nvcc exec'ing cuda-13.0's) has
+    no symlink to resolve, so the same compiler can turn up under two homes;
+    its long reason is worth reading once.
+    """
+    by_reason: dict[str, list[str]] = {}
+    for r in rejected:
+        by_reason.setdefault(r["problems"][0], []).append(f"{r['home']} ({r['version'] or '?'})")
+    return "; ".join(f"{', '.join(homes)}: {reason}" for reason, homes in by_reason.items())
+
+
 def _vkey(text: str) -> tuple:
     try:
         return Version(text).release
@@ -299,8 +312,7 @@ def select(policy: Policy, need: Need, *, environ: Mapping[str, str] | None = No
     srcs = usable_sources(policy, need)
     choice.summary = (
         f"No CUDA {need.major} toolkit that can compile for {need.arch} (nvcc {need.major}.x >= {need.min_nvcc}) was found"
-        + ("; passed over: " + "; ".join(f"{r['home']} ({r['version'] or '?'}): {r['problems'][0]}" for r in choice.rejected)
-           if choice.rejected else ""))
+        + ("; passed over: " + _passed_over(choice.rejected) if choice.rejected else ""))
     choice.action = (
         "The env still works, but sglang-kt's first DeepSeek-V4 forward JIT-compiles kernels and will fail. "
         + (f"Let ktenv fetch a pinned toolkit (`python build.py toolchain --arch {need.arch} --provision`: "

@@ -149,6 +149,26 @@ def test_candidates_prefer_torchs_release_then_the_newest(cuda12, cuda13):
     assert any(r["home"] == cuda13.home and "CUDA 13" in r["problems"][0] for r in choice.rejected)
 
 
+def test_one_compiler_under_two_homes_is_explained_once(cuda13, tmp_path):
+    # The shape of this test machine: /usr/local/bin/nvcc is a script that
+    # execs cuda-13.0's nvcc, so /usr/local and cuda-13.0 are two homes of one
+    # compiler. The remedy names both and gives torch's long reason once.
+    wrapper = tmp_path / "wrap"
+    (wrapper / "bin").mkdir(parents=True)
+    script = wrapper / "bin" / "nvcc"
+    script.write_text(f'#!/bin/sh\nexec {cuda13.nvcc} "$@"\n')
+    script.chmod(0o755)
+    env = {"PATH": f"{wrapper / 'bin'}:{os.defpath}", "CUDA_HOME": cuda13.home}
+    choice = toolchain.select(POLICY, need("sm120"), environ=env, prefix=None)
+    assert choice.toolkit is None
+    homes = {r["home"] for r in choice.rejected}
+    assert {str(wrapper), cuda13.home} <= homes
+    reason = next(r["problems"][0] for r in choice.rejected if r["home"] == cuda13.home)
+    assert choice.summary.count(reason) == 1
+    named = choice.summary.split(f": {reason}")[0].rsplit("; ", 1)[-1]  # the homes given this reason
+    assert f"{cuda13.home} ({cuda13.version})" in named and f"{wrapper} ({cuda13.version})" in named
+
+
 def test_host_compiler_is_one_nvcc_accepts(cuda12):
     cc, cxx, note = toolchain.host_compiler(cuda12, POLICY, {"PATH": os.defpath})
     assert cxx and "accepts GCC <= 13" in note
