@@ -50,6 +50,7 @@ import dsv4_fields  # beside this script
 MARK = "KTENV-RESULT "
 STUBBED: list[dict] = []  # {"what": ..., "how": sentence}: what stood in for what
 TOUCHED: set[str] = set()  # sgl_kernel names resolved through the stand-in
+CLEANUP: list[str] = []  # temp dirs made for stand-ins, removed when main ends
 
 
 # --- stand-ins (only where the real thing is absent) -----------------------------
@@ -167,6 +168,7 @@ def stub_nvidia_smi(gpu: dict) -> None:
         except (OSError, subprocess.TimeoutExpired):
             pass
     d = tempfile.mkdtemp(prefix="ktenv-smi-")
+    CLEANUP.append(d)
     path = os.path.join(d, "nvidia-smi")
     with open(path, "w") as f:
         f.write(f"#!/bin/sh\necho {int(gpu['memory_mib'])}\n")
@@ -356,6 +358,9 @@ def main() -> int:
     except BaseException as e:
         result["error"] = f"{type(e).__name__}: {e}"[:1500]
         result["traceback_tail"] = traceback.format_exc()[-2000:]
+    finally:
+        for d in CLEANUP:  # the stand-in lives as long as the probe (main runs in the parent only)
+            shutil.rmtree(d, ignore_errors=True)
     result["stubbed"] = STUBBED
     result["sgl_kernel_names"] = sorted(TOUCHED)
     result["seconds"] = round(time.perf_counter() - t, 1)

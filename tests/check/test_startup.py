@@ -228,8 +228,11 @@ def test_server_args_tier_on_the_tiny_model_and_a_model_without_yarn(tiny_work, 
 
 
 @_slow
-def test_server_args_probe_names_the_first_broken_field(tiny_work, tmp_path):
+def test_server_args_probe_names_the_first_broken_field(tiny_work, tmp_path, monkeypatch):
     """Several broken copies of the tiny model through the probe in one run (one import, a fork each)."""
+    probe_tmp = tmp_path / "probe-tmp"
+    probe_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(probe_tmp))  # the probe's own temp files, looked at below
     ctx = env_ctx(tiny_work)
     model, tiny, why = startup.tiny_model(ctx, cache=tiny_work / "smoke-tiny")
     assert startup.tiny_model(ctx, cache=tiny_work / "smoke-tiny") == (model, tiny, "")  # reused, not regenerated
@@ -255,6 +258,8 @@ def test_server_args_probe_names_the_first_broken_field(tiny_work, tmp_path):
     assert got["v3"]["stage"] == "fields" and got["v3"]["field"] == "architectures"
     assert got["short-ratios"]["field"] == "compress_ratios" and "has 2 entries for 4 layers" in got["short-ratios"]["problem"]
     assert got["bad-ratio"]["field"] == "compress_ratios" and "entry 3 is 64" in got["bad-ratio"]["problem"]
+    # A host without a working nvidia-smi gets a stand-in for the run; it goes with the probe.
+    assert not list(probe_tmp.glob("ktenv-smi-*")), "the nvidia-smi stand-in was left behind"
 
 
 @_slow
