@@ -175,8 +175,11 @@ def _build_into(tmp, prefix, target, opts, want, maker, uv, patch_list, progress
     with _step(times, "sync"), tempfile.TemporaryDirectory(prefix="ktenv-pypi-") as work:
         sync(uv, env_python, maker.pypi_requirements(Path(work)), progress, mode=maker.sync_mode)
 
+    # Before kt-kernel: a source build compiles with the toolkit chosen here.
+    tc_record = toolchain.env_record(target.spec.root, lock.arch, lock.cuda, tmp, cuda_home=opts.cuda_home, progress=progress)
     with _step(times, "kt_install"):
-        kt_built = ktinstall.install(kt, tmp, lock, opts.kt_source, opts.target_isa, progress)
+        kt_built = ktinstall.install(kt, tmp, lock, opts.kt_source, opts.target_isa, progress,
+                                     toolkit=tc_record, sm=target.arch.sm_number)
         kt_wheel = kt_built["path"] if kt_built else None
     # Before anything edits the env: the PyPI layer left the prefix's own files alone.
     maker.after_pypi(tmp)
@@ -216,7 +219,6 @@ def _build_into(tmp, prefix, target, opts, want, maker, uv, patch_list, progress
             "Relock (`python build.py lock`) or add a patch to patches/ with its reason."
         )
     progress(f"checks: uv pip check clean; kt-kernel variant {kt_report.get('variant', '?')}; payload loads from the env")
-    tc_record = toolchain.env_record(target.spec.root, lock.arch, lock.cuda, tmp, cuda_home=opts.cuda_home, progress=progress)
     with _step(times, "flash_mla"):
         fm_entry = flash_mla_env.step(target, env_python, tmp, opts.flash_mla_source, opts.cutlass_source,
                                       opts.cuda_home, opts.cuobjdump, progress)

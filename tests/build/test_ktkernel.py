@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cuda12_home
+from conftest import cuda12_home, cuda13_home, run_cli
 from ktenv import spec as specmod
+from ktenv.build import toolchain
 from ktenv.build.ktkernel import install, prereq, source, variants, verify
 from ktenv.host import cpu as hostinfo
 from ktenv import probe
@@ -302,6 +303,66 @@ def test_prerequisites_pass_on_a_complete_checkout_here(tmp_path, stack_python):
     assert problems == []
 
 
+def _record(home: str | None) -> dict:
+    """The toolchain record `env` makes for sm90 (toolchain.env_record), with `home` as --cuda-home."""
+    policy = toolchain.load(toolchain.default_envs())
+    if home is None:
+        return toolchain.as_dict(toolchain.Choice(toolchain.need(policy, "sm90", "12.8"), None))
+    return toolchain.as_dict(toolchain.select(policy, toolchain.need(policy, "sm90", "12.8"), cuda_home=home,
+                                              environ={"PATH": os.defpath}))
+
+
+def test_source_build_compiles_with_the_envs_toolkit_and_what_it_can_target(tmp_path, stack_env):
+    """`env --kt-source` builds with the toolkit the env chose (its activation), not the shell's nvcc:
+    here the shell has CUDA 13 on PATH and the env chose Debian's 12.4, which cannot target sm_120, so
+    the arch list is the env's own SM, and the prerequisites (same nvcc test) then pass."""
+    rec = _record(str(cuda12_home()))
+    assert rec["cuda_home"] and rec["version"].startswith("12.4")
+    shell = dict(os.environ, PATH=f"{cuda13_home()}/bin:{os.defpath}")
+    environ, archs, note = install.cuda_inputs(KT, stack_env, rec, 90, shell)
+    assert environ["CUDA_HOME"] == rec["cuda_home"]
+    assert environ["PATH"].split(":").index(f"{rec['cuda_home']}/bin") < environ["PATH"].split(":").index(f"{cuda13_home()}/bin")
+    assert archs == "90" and f"not upstream's {KT.default_cuda_archs}" in note and "nvcc 12.4" in note
+    src = standin(tmp_path)
+    problems = prereq.check_build_prerequisites(KT, src, str(stack_env / "bin/python"), HOST_BEST,
+                                                environ, cuda_archs=archs)
+    assert problems == []
+    # The same shell without the env's choice: kt-kernel's setup.py would take CUDA 13 and is refused.
+    problems = prereq.check_build_prerequisites(KT, src, str(stack_env / "bin/python"), HOST_BEST,
+                                                shell, cuda_archs=KT.default_cuda_archs)
+    assert any("is CUDA 13" in p for p in problems), problems
+
+
+def test_source_build_keeps_upstreams_arch_list_when_the_toolkit_covers_it(stack_env):
+    # A record as env writes it for a 12.8 toolkit (the NVIDIA redist), which cannot be fetched here:
+    # only its version decides the list.
+    rec = {"cuda_home": "/opt/cuda-12.8", "nvcc": "/opt/cuda-12.8/bin/nvcc", "version": "12.8.93",
+           "origin": "--cuda-home", "torch_cuda": "12.8", "include_dirs": [], "lib_dir": ""}
+    environ, archs, note = install.cuda_inputs(KT, stack_env, rec, 90, {"PATH": os.defpath})
+    assert (archs, note) == (KT.default_cuda_archs, "") and environ["CUDA_HOME"] == "/opt/cuda-12.8"
+    # No toolkit chosen: the build sees the shell as it is (and its prerequisite check names the problem).
+    environ, archs, note = install.cuda_inputs(KT, stack_env, _record(None), 90, {"PATH": os.defpath})
+    assert environ == {"PATH": os.defpath} and archs == KT.default_cuda_archs and note == ""
+
+
+def test_env_kt_source_builds_with_the_toolkit_env_chose(tmp_path, stack_env):
+    """End to end through `build.py env`: the shell has CUDA 13 first on PATH, --cuda-home names
+    Debian's 12.4; the kt-kernel source step runs with 12.4 and the env's SM (its progress says so),
+    so the only problems left are the checkout's (no submodules), and nothing is left behind."""
+    src = standin(tmp_path, submodules=False)
+    (src / "version.py").write_text('__version__ = "0.7.2"\n')  # the lock's release
+    prefix = tmp_path / "env"
+    shell = {"PATH": f"{cuda13_home()}/bin:{os.environ['PATH']}", "CUDA_HOME": ""}
+    p = run_cli("env", "--arch", "sm90", "--prefix", str(prefix), "--kt-source", str(src),
+                "--cuda-home", str(cuda12_home()), env=shell)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out
+    assert "kt-kernel: CPUINFER_CUDA_ARCHS=90 (the env's GPU)" in out and "nvcc 12.4" in out
+    assert "third_party/pybind11 is empty" in out and "is CUDA 13" not in out
+    assert not prefix.exists()
+    assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".env")] == [".env.ktenv.lock"]  # the (empty) lock file only
+
+
 # --- compile-flag guard -------------------------------------------------------------------
 
 def test_compile_flag_guard_catches_a_leak(tmp_path):
@@ -402,9 +463,12 @@ def unpack(wheel: Path, dest: Path) -> str:
 
 @pytest.mark.slow
 @needs_source
-def test_real_build_for_this_cpu_loads_and_computes(tmp_path, stack_python):
+def test_real_build_for_this_cpu_loads_and_computes(tmp_path, stack_python, stack_env):
     ENV_PYTHON = str(stack_python)
-    whl = source.build_from_source(KT, KT_SOURCE, HOST_BEST, ENV_PYTHON, KT_CACHE, progress=print)
+    # What `env --kt-source` passes: the env's toolkit (Debian's 12.4 here) and the arch list it can target.
+    environ, archs, _ = install.cuda_inputs(KT, stack_env, _record(str(cuda12_home())), 90)
+    whl = source.build_from_source(KT, KT_SOURCE, HOST_BEST, ENV_PYTHON, KT_CACHE, progress=print,
+                                   cuda_archs=archs, environ=environ)
     meta = json.loads((whl.parent / "build.json").read_text())
     assert meta["flags_check"]["isa_flags"] == sorted(variants.compiler_flags(KT, HOST_BEST))
     assert meta["flags_check"]["units"] > 50

@@ -12,7 +12,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from packaging.version import InvalidVersion, Version
 
@@ -21,7 +21,8 @@ from ...host.cpu import cpu_info, isa_summary
 from ...lock.model import Lock, sha256_file
 from ...spec.model import KtKernel
 from ...tools import cache_dir
-from .. import dists
+from .. import dists, toolchain
+from ..activate import activation
 from .source import build_from_source, source_identity
 from .variants import best_variant, build_settings, check_isa_name, compiler_flags
 from .verify import verify_prebuilt
@@ -104,8 +105,37 @@ def check_kt_source(lock: Lock, kt_source: str) -> None:
         )
 
 
-def install(kt: KtKernel, env: Path, lock: Lock, kt_source: str | None, target_isa: str | None, progress) -> dict | None:
-    """With --kt-source: build (or reuse) the wheel for the target ISA and put its kt_kernel/ in the env."""
+def cuda_inputs(kt: KtKernel, env: Path, toolkit: dict | None, sm: int,
+                environ: Mapping[str, str] | None = None) -> tuple[dict[str, str], str, str]:
+    """(environment, CPUINFER_CUDA_ARCHS, note) for building kt-kernel into the env at `env`.
+
+    The build uses the toolkit the env's toolchain stage chose, through the
+    same activation the server gets (CUDA_HOME, its bin/ first, the GCC that
+    nvcc accepts), not whatever nvcc the shell happens to have. The arch list
+    is upstream's, unless that toolkit is too old for one of its SMs (Debian's
+    12.4 and sm_120): kt-kernel compiles no CUDA kernels of its own, the list
+    only feeds CMake's CUDA compiler check, so the env's own SM is enough.
+    """
+    base = dict(os.environ if environ is None else environ)
+    if not toolkit or not toolkit.get("cuda_home"):
+        return base, kt.default_cuda_archs, ""
+    env_vars = activation(env, toolkit, base)
+    policy = toolchain.load(toolchain.default_envs())
+    tk = toolchain.Toolkit(toolkit["cuda_home"], toolkit["nvcc"], toolkit["version"], toolkit.get("origin") or "")
+    need = toolchain.need_for_sms(policy, kt.default_cuda_archs, toolkit.get("torch_cuda"), int(tk.version.split(".")[0]))
+    if "arch" not in toolchain.problems(tk, need):
+        return env_vars, kt.default_cuda_archs, ""
+    return env_vars, str(sm), (f"CPUINFER_CUDA_ARCHS={sm} (the env's GPU), not upstream's {kt.default_cuda_archs}: "
+                               f"nvcc {tk.version} cannot compile for every SM of it; kt-kernel has no device "
+                               "code, the list only feeds CMake's CUDA check")
+
+
+def install(kt: KtKernel, env: Path, lock: Lock, kt_source: str | None, target_isa: str | None, progress,
+            toolkit: dict | None = None, sm: int | None = None) -> dict | None:
+    """With --kt-source: build (or reuse) the wheel for the target ISA and put its kt_kernel/ in the env.
+
+    toolkit: the env's toolchain record (toolchain.env_record); sm: the env's GPU (90 for sm90).
+    """
     if not kt_source:
         return None
     isa = target(kt, target_isa)
@@ -113,7 +143,13 @@ def install(kt: KtKernel, env: Path, lock: Lock, kt_source: str | None, target_i
         raise KtenvError("This CPU lacks AVX2 and no --target-isa was given: there is no kt-kernel variant to build for it. Pass --target-isa for the machine that will run the server.")
     check_kt_source(lock, kt_source)
     python = str(env / "bin" / "python")
-    wheel = Path(build_from_source(kt, kt_source, isa, python, cache_dir(), progress))
+    environ, cuda_archs = None, None
+    if sm is not None:
+        environ, cuda_archs, note = cuda_inputs(kt, env, toolkit, sm)
+        if note:
+            progress(f"kt-kernel: {note}")
+    wheel = Path(build_from_source(kt, kt_source, isa, python, cache_dir(), progress,
+                                   cuda_archs=cuda_archs, environ=environ))
     result = overlay_wheel(dists.site_packages(env), wheel)
     progress(f"kt-kernel: {', '.join(result['replaced'])} from {wheel.name} (built from {kt_source} for {isa})")
     return {**result, "path": wheel}
