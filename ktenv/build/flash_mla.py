@@ -48,7 +48,6 @@ summary) and to `launch` (its refusal).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -64,8 +63,16 @@ from typing import Callable, Mapping
 from .. import probe
 from ..errors import KtenvError
 from ..tools import uv_bin
+from . import wheelcache
 from .flash_mla_audit import audit_wheel
-from .flash_mla_source import _IGNORED, Pin, check_source, find_cutlass, pin_for, tree_id  # noqa: F401 (re-exported)
+from .flash_mla_source import (  # noqa: F401 (re-exported)
+    _IGNORED,
+    Pin,
+    check_source,
+    find_cutlass,
+    pin_for,
+    tree_id,
+)
 
 PROBE = "flash_mla_probe.py"
 MIN_SETUPTOOLS = (70, 1)  # bdist_wheel is built into setuptools from 70.1; the env has no `wheel`
@@ -280,54 +287,36 @@ def build_wheel(source: str | Path, python: str, cuda_home: str | Path | None, p
     inputs = {"commit": pin.commit, "cutlass": pin.cutlass_commit, "build_env": pin.build_env, "sass": list(pin.sass),
               "python": facts["python"], "abi": facts["abi"], "torch": facts["torch"], "torch_cuda": facts["torch_cuda"],
               "nvcc": nvcc_version(home), "cxx": _cxx_version(environ or os.environ)}
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
-    entry = Path(cache) / "flash-mla" / key
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with open(entry.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time: memory, not CPU, is the limit
-        wheels = sorted(entry.glob("*.whl"))
-        if wheels and (entry / "build.json").exists():
-            progress(f"flash_mla wheel from the cache: {wheels[0]}")
-            return wheels[0]
-        work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
-        work.chmod(0o755)
-        try:
-            stage = _stage(src, headers, pin, work)
-            # CUDA 13 moved CCCL (cuda/std, cub) to include/cccl, which nvcc's profile adds for .cu
-            # files but g++ does not know for the .cpp ones that include CUTLASS.
-            cccl = [str(home / "include" / "cccl")] if (home / "include" / "cccl").is_dir() else []
-            env = _build_env(environ, home, work / "shim", pin, jobs, python, cccl + env_includes(facts["site"]))
-            progress(f"building flash_mla {pin.short} for {', '.join(pin.sass)} with nvcc {inputs['nvcc']} "
-                     f"({jobs} jobs; tens of minutes on a few cores), log: {work / 'build.log'}")
-            code = "import sys\nfrom setuptools import build_meta as b\nprint('KTENV_WHEEL', b.build_wheel(sys.argv[1]))\n"
-            t0 = time.monotonic()
-            rc = _run_logged([python, "-c", code, str(work / "dist")], stage, env, work / "build.log", progress, heartbeat)
-            seconds = round(time.monotonic() - t0, 1)
-            if rc != 0:
-                keep = entry.parent / f"failed-{key}.log"
-                shutil.copy(work / "build.log", keep)
-                errors = [l for l in (work / "build.log").read_text(errors="replace").splitlines() if "error" in l.lower()]
-                raise KtenvError(f"Building flash_mla {pin.short} failed (exit {rc}) after {seconds} s. First errors:\n  "
-                                 + "\n  ".join(errors[:6]) + f"\nFull log: {keep}")
-            built = sorted((work / "dist").glob("*.whl"))
-            if len(built) != 1:
-                raise KtenvError(f"The flash_mla build finished but left {len(built)} wheels in {work / 'dist'}; expected one.")
-            audit = audit_wheel(built[0], pin, cuobjdump or os.environ.get("KTENV_CUOBJDUMP")
-                                or str(home / "bin" / "cuobjdump"))
-            meta = {"key": key, "inputs": inputs, "seconds": seconds, "jobs": jobs, "wheel": built[0].name,
-                    "audit": audit, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            shutil.move(str(built[0]), work / built[0].name)
-            (work / "build.json").write_text(json.dumps(meta, indent=1) + "\n")
-            for d in ("src", "dist", "shim"):
-                shutil.rmtree(work / d, ignore_errors=True)
-            if entry.exists():
-                shutil.rmtree(entry)
-            work.rename(entry)  # atomic: a cache entry is complete or absent
-            progress(f"flash_mla wheel built in {seconds} s; SASS {', '.join(audit['sass'])}: {entry / meta['wheel']}")
-            return entry / meta["wheel"]
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
+    # One build at a time (wheelcache.slot): memory, not CPU, is the limit.
+    with wheelcache.slot(Path(cache) / "flash-mla", wheelcache.key_of(inputs)) as slot:
+        if slot.hit:
+            progress(f"flash_mla wheel from the cache: {slot.hit}")
+            return slot.hit
+        work = slot.work
+        stage = _stage(src, headers, pin, work)
+        # CUDA 13 moved CCCL (cuda/std, cub) to include/cccl, which nvcc's profile adds for .cu
+        # files but g++ does not know for the .cpp ones that include CUTLASS.
+        cccl = [str(home / "include" / "cccl")] if (home / "include" / "cccl").is_dir() else []
+        env = _build_env(environ, home, work / "shim", pin, jobs, python, cccl + env_includes(facts["site"]))
+        progress(f"building flash_mla {pin.short} for {', '.join(pin.sass)} with nvcc {inputs['nvcc']} "
+                 f"({jobs} jobs; tens of minutes on a few cores), log: {slot.log}")
+        t0 = time.monotonic()
+        rc = _run_logged([python, "-c", wheelcache.BUILD_WHEEL, str(work / "dist")], stage, env, slot.log, progress, heartbeat)
+        seconds = round(time.monotonic() - t0, 1)
+        if rc != 0:
+            keep = slot.keep_log()
+            errors = [l for l in slot.log.read_text(errors="replace").splitlines() if "error" in l.lower()]
+            raise KtenvError(f"Building flash_mla {pin.short} failed (exit {rc}) after {seconds} s. First errors:\n  "
+                             + "\n  ".join(errors[:6]) + f"\nFull log: {keep}")
+        built = sorted((work / "dist").glob("*.whl"))
+        if len(built) != 1:
+            raise KtenvError(f"The flash_mla build finished but left {len(built)} wheels in {work / 'dist'}; expected one.")
+        audit = audit_wheel(built[0], pin, cuobjdump or os.environ.get("KTENV_CUOBJDUMP")
+                            or str(home / "bin" / "cuobjdump"))
+        meta = {"key": slot.key, "inputs": inputs, "seconds": seconds, "jobs": jobs, "wheel": built[0].name, "audit": audit}
+        wheel = slot.publish(built[0], meta, scratch=("src", "dist", "shim"))
+        progress(f"flash_mla wheel built in {seconds} s; SASS {', '.join(audit['sass'])}: {wheel}")
+        return wheel
 
 
 def verify(env_python: str) -> dict:

@@ -9,21 +9,26 @@ compile commands are read back afterwards, and the wheel is cached by
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Mapping
 
 from ...errors import KtenvError
 from ...spec.model import KtKernel
-from .prereq import _cublas_include, _find_nvcc, _python_facts, _run, check_build_prerequisites, cxx_compiler
+from .. import wheelcache
+from .prereq import (
+    _cublas_include,
+    _find_nvcc,
+    _python_facts,
+    _run,
+    check_build_prerequisites,
+    cxx_compiler,
+)
 from .variants import ISA_MFLAG, build_settings, check_isa_name, compiler_flags
 
 
@@ -78,8 +83,7 @@ def _tool_version(cmd: list[str]) -> str | None:
     return (out[0] if cmd[0].endswith("++") else out[-1]) if out else None
 
 
-def cache_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+cache_key = wheelcache.key_of
 
 
 _PERCENT = re.compile(r"^\[\s*(\d+)%\]")
@@ -183,60 +187,40 @@ def build_wheel_cached(kt: KtKernel, src: Path, inputs: dict, settings: dict[str
     """
     env = dict(os.environ if environ is None else environ)
     py = py or _python_facts(python)
-    key = cache_key(inputs)
-    entry = cache_dir / "kt-kernel" / key
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with open(entry.parent / ".lock", "w") as lock:
-        # One build at a time: each compiler process takes ~3.5 GB, and two
-        # builds of one checkout would share its build/ directory.
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        wheels = sorted(entry.glob("*.whl"))
-        if wheels and (entry / "build.json").exists():
-            progress(f"kt-kernel wheel for {target_isa or 'this source'} from the cache: {wheels[0]}")
-            return wheels[0]
-        work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
-        work.chmod(0o755)  # mkdtemp makes it 0700; a cache may be shared
-        try:
-            benv = {k: v for k, v in env.items() if not k.startswith("CPUINFER_")}
-            benv.update(settings)
-            benv["CPUINFER_PARALLEL"] = str(parallel or max(1, min(os.cpu_count() or 1, 2)))
-            # A pip-installed cmake in the build env should win over none at all.
-            benv["PATH"] = os.pathsep.join([str(Path(python).parent), benv.get("PATH", "")])
-            if nvcc and "CPUINFER_USE_CUDA" in settings:
-                inc = _cublas_include(nvcc, py)
-                if inc and not (Path(nvcc).resolve().parent.parent / "include" / "cublas_v2.h").exists():
-                    benv["CPATH"] = os.pathsep.join(p for p in (inc, benv.get("CPATH", "")) if p)
-                    progress(f"note: cublas_v2.h taken from {inc} (the toolkit of {nvcc} has none)")
-            out = work / "dist"
-            code = ("import sys\nfrom setuptools import build_meta as b\n"
-                    "print('KTENV_WHEEL', b.build_wheel(sys.argv[1]))\n")
-            progress(f"building kt-kernel for {target_isa or 'the given settings'} from {src} "
-                     f"({benv['CPUINFER_PARALLEL']} jobs; a few minutes per variant), log: {work / 'build.log'}")
-            t0 = time.monotonic()
-            rc = _run_logged([python, "-c", code, str(out)], src / "kt-kernel", benv, work / "build.log", progress)
-            seconds = round(time.monotonic() - t0, 1)
-            if rc != 0:
-                keep = entry.parent / f"failed-{key}.log"
-                shutil.copy(work / "build.log", keep)
-                tail = "".join((work / "build.log").read_text(errors="replace").splitlines(True)[-25:])
-                raise KtenvError(f"Building kt-kernel from {src} for {target_isa or 'the given settings'} failed (exit {rc}) after "
-                                 f"{seconds} s. Full log: {keep}. It ends:\n{tail}")
-            wheels = sorted(out.glob("*.whl"))
-            if len(wheels) != 1:
-                raise KtenvError(f"The kt-kernel build finished but left {len(wheels)} wheels in {out}; "
-                                 "expected one. See the log in the cache.")
-            checked = verify_compile_flags(kt, src / "kt-kernel" / "build", target_isa) if target_isa else {}
-            meta = {"key": key, "inputs": inputs, "settings": settings, "target_isa": target_isa, "seconds": seconds,
-                    "wheel": wheels[0].name, "flags_check": checked,
-                    "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            shutil.move(str(wheels[0]), work / wheels[0].name)
-            (work / "build.json").write_text(json.dumps(meta, indent=1) + "\n")
-            shutil.rmtree(out, ignore_errors=True)
-            if entry.exists():
-                shutil.rmtree(entry)
-            work.rename(entry)  # atomic: a cache entry is complete or absent
-            progress(f"kt-kernel wheel built in {seconds} s: {entry / meta['wheel']}")
-            return entry / meta["wheel"]
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
+    # One build at a time (wheelcache.slot): each compiler process takes ~3.5 GB, and two
+    # builds of one checkout would share its build/ directory.
+    with wheelcache.slot(cache_dir / "kt-kernel", cache_key(inputs)) as slot:
+        if slot.hit:
+            progress(f"kt-kernel wheel for {target_isa or 'this source'} from the cache: {slot.hit}")
+            return slot.hit
+        benv = {k: v for k, v in env.items() if not k.startswith("CPUINFER_")}
+        benv.update(settings)
+        benv["CPUINFER_PARALLEL"] = str(parallel or max(1, min(os.cpu_count() or 1, 2)))
+        # A pip-installed cmake in the build env should win over none at all.
+        benv["PATH"] = os.pathsep.join([str(Path(python).parent), benv.get("PATH", "")])
+        if nvcc and "CPUINFER_USE_CUDA" in settings:
+            inc = _cublas_include(nvcc, py)
+            if inc and not (Path(nvcc).resolve().parent.parent / "include" / "cublas_v2.h").exists():
+                benv["CPATH"] = os.pathsep.join(p for p in (inc, benv.get("CPATH", "")) if p)
+                progress(f"note: cublas_v2.h taken from {inc} (the toolkit of {nvcc} has none)")
+        out = slot.work / "dist"
+        progress(f"building kt-kernel for {target_isa or 'the given settings'} from {src} "
+                 f"({benv['CPUINFER_PARALLEL']} jobs; a few minutes per variant), log: {slot.log}")
+        t0 = time.monotonic()
+        rc = _run_logged([python, "-c", wheelcache.BUILD_WHEEL, str(out)], src / "kt-kernel", benv, slot.log, progress)
+        seconds = round(time.monotonic() - t0, 1)
+        if rc != 0:
+            keep = slot.keep_log()
+            tail = "".join(slot.log.read_text(errors="replace").splitlines(True)[-25:])
+            raise KtenvError(f"Building kt-kernel from {src} for {target_isa or 'the given settings'} failed (exit {rc}) after "
+                             f"{seconds} s. Full log: {keep}. It ends:\n{tail}")
+        wheels = sorted(out.glob("*.whl"))
+        if len(wheels) != 1:
+            raise KtenvError(f"The kt-kernel build finished but left {len(wheels)} wheels in {out}; "
+                             "expected one. See the log in the cache.")
+        checked = verify_compile_flags(kt, src / "kt-kernel" / "build", target_isa) if target_isa else {}
+        meta = {"key": slot.key, "inputs": inputs, "settings": settings, "target_isa": target_isa, "seconds": seconds,
+                "wheel": wheels[0].name, "flags_check": checked}
+        wheel = slot.publish(wheels[0], meta, scratch=("dist",))
+        progress(f"kt-kernel wheel built in {seconds} s: {wheel}")
+        return wheel
