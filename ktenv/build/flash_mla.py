@@ -64,6 +64,7 @@ from .. import probe
 from ..errors import KtenvError
 from ..tools import uv_bin
 from . import wheelcache
+from .cuda_fetch import nvcc_release
 from .flash_mla_audit import audit_wheel
 from .flash_mla_source import (  # noqa: F401 (re-exported)
     _IGNORED,
@@ -94,13 +95,8 @@ def _vtuple(text: str) -> tuple[int, ...]:
 
 def nvcc_version(cuda_home: str | Path) -> str | None:
     """'12.8' for a toolkit whose nvcc says 'release 12.8'; None when there is no working nvcc."""
-    try:
-        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"release (\d+\.\d+)", out)
-    return m.group(1) if m else None
+    v = nvcc_release(Path(cuda_home) / "bin" / "nvcc")
+    return ".".join(v.split(".")[:2]) if v else None
 
 
 def _try_compile(cuda_home: Path, env: Mapping[str, str]) -> str | None:
@@ -348,7 +344,7 @@ def provide(env_python: str, source: str | Path, cuda_home: str | Path | None, p
             jobs: int | None = None, cuobjdump: str | None = None, environ: Mapping[str, str] | None = None) -> dict:
     """Build (or reuse), install and verify flash_mla; the dict is the env stamp's `flash_mla` entry.
 
-    environ: the build's environment (the toolchain stage's for_build(): CUDA_HOME, PATH, CPATH, CC/CXX)."""
+    environ: the build's environment (toolchain.build_env of the env's toolchain record: CUDA_HOME, PATH, CPATH, CC/CXX)."""
     wheel = build_wheel(source, env_python, cuda_home, pin, cache, progress, cutlass=cutlass, jobs=jobs,
                         cuobjdump=cuobjdump, environ=environ)
     installed = install(env_python, wheel)

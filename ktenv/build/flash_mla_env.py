@@ -41,9 +41,11 @@ def precheck(target, source: str | None, cutlass: str | None) -> None:
     fm.find_cutlass(source, pin, cutlass)
 
 
-def step(target, env_python: Path, tmp: Path, source: str | None, cutlass: str | None, cuda_home: str | None,
+def step(target, env_python: Path, tmp: Path, source: str | None, cutlass: str | None, toolkit: dict,
          cuobjdump: str | None, progress: Callable[[str], None]) -> dict | None:
-    """Build and install flash_mla into the env being built (tmp), or record that it is missing."""
+    """Build and install flash_mla into the env being built (tmp), or record that it is missing.
+
+    toolkit: the env's toolchain record (toolchain.env_record), the one kt-kernel's build used too."""
     pin = fm.pin_for(target.arch)
     if pin is None:
         return None
@@ -51,10 +53,10 @@ def step(target, env_python: Path, tmp: Path, source: str | None, cutlass: str |
         progress(f"flash_mla: not provided (no --flash-mla-source); {target.arch.name} cannot serve DeepSeek-V4 without it")
         return {"path": "missing", "required": pin.required, "commit": pin.commit,
                 "message": fm.missing_message(target.arch, pin, target.spec.stack)}
-    choice, environ = toolchain.for_build(target.arch.name, tmp, envs_dir=target.spec.root, cuda_home=cuda_home,
-                                          progress=progress)
-    return fm.provide(str(env_python), source, choice.toolkit.home, pin, cache_dir(), progress, cutlass=cutlass,
-                      cuobjdump=cuobjdump, environ=environ)
+    if not toolkit.get("cuda_home"):
+        raise KtenvError(toolkit["remedy"])
+    return fm.provide(str(env_python), source, toolkit["cuda_home"], pin, cache_dir(), progress, cutlass=cutlass,
+                      cuobjdump=cuobjdump, environ=toolchain.build_env(toolkit, None, tmp))
 
 
 def summary_lines(entry: dict | None) -> list[str]:

@@ -175,7 +175,7 @@ def _build_into(tmp, prefix, target, opts, want, maker, uv, patch_list, progress
     with _step(times, "sync"), tempfile.TemporaryDirectory(prefix="ktenv-pypi-") as work:
         sync(uv, env_python, maker.pypi_requirements(Path(work)), progress, mode=maker.sync_mode)
 
-    # Before kt-kernel: a source build compiles with the toolkit chosen here.
+    # Before kt-kernel: the source builds (kt-kernel, flash_mla) compile with the toolkit chosen here.
     tc_record = toolchain.env_record(target.spec.root, lock.arch, lock.cuda, tmp, cuda_home=opts.cuda_home, progress=progress)
     with _step(times, "kt_install"):
         kt_built = ktinstall.install(kt, tmp, lock, opts.kt_source, opts.target_isa, progress,
@@ -221,7 +221,7 @@ def _build_into(tmp, prefix, target, opts, want, maker, uv, patch_list, progress
     progress(f"checks: uv pip check clean; kt-kernel variant {kt_report.get('variant', '?')}; payload loads from the env")
     with _step(times, "flash_mla"):
         fm_entry = flash_mla_env.step(target, env_python, tmp, opts.flash_mla_source, opts.cutlass_source,
-                                      opts.cuda_home, opts.cuobjdump, progress)
+                                      tc_record, opts.cuobjdump, progress)
 
     backend_report = maker.before_swap(tmp, prefix)
     stamp = dict(want)

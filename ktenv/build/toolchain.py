@@ -12,8 +12,6 @@ flash_mla source builds all go through it):
                                            provisions a pinned source when asked
   build_env(choice_or_toolkit, base, prefix) -> dict   the environment for a build
   env_record(envs_dir, arch, torch_cuda, prefix) -> dict  the env stamp's "toolchain" entry
-  for_build(arch, prefix, ...) -> (Choice, env)  a source build's toolkit and environment
-                                           (flash_mla, kt-kernel); raises with the remedy
   for_env(envs_dir, arch, prefix) -> dict  the record to run an env with (launch, smoke)
 
 Rules (why): the toolkit's major must be torch's (a JIT-built extension links
@@ -392,25 +390,3 @@ def record_in_stamp(prefix: str | Path, record: dict) -> bool:
     tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
     return True
-
-
-def for_build(arch: str, prefix: str | Path, *, envs_dir: str | Path | None = None, cuda_home: str | None = None,
-              provision: bool = False, environ: Mapping[str, str] | None = None,
-              progress: Callable[[str], None] = print) -> tuple[Choice, dict[str, str]]:
-    """For a source build against the env at `prefix` (flash_mla's setup.py, kt-kernel's CMake):
-    the chosen toolkit, and the environment to run the build with (activation: CUDA_HOME,
-    PATH with the env's bin/ and the toolkit's, CPATH, CC/CXX/NVCC_CCBIN a GCC this nvcc takes).
-
-    torch's CUDA is read from the env's own torch. Raises KtenvError with the remedy when no
-    usable toolkit is found (or provisioned, with provision=True).
-    """
-    envs_dir = Path(envs_dir) if envs_dir else default_envs()
-    policy = load(envs_dir)
-    site = next(iter(sorted(Path(prefix).glob("lib/python3*/site-packages"))), None)
-    torch_cuda = (torch_cuda_of(site) if site else None) \
-        or str(tomllib.loads((envs_dir / "stack.toml").read_text())["stack"]["cuda"])
-    choice = select(policy, need(policy, arch, torch_cuda), environ=environ, prefix=prefix, cuda_home=cuda_home,
-                    provision=provision, progress=progress)
-    if choice.toolkit is None:
-        raise KtenvError(choice.remedy)
-    return choice, build_env(choice, environ, prefix)

@@ -22,7 +22,7 @@ from ...lock.model import Lock, sha256_file
 from ...spec.model import KtKernel
 from ...tools import cache_dir
 from .. import dists, toolchain
-from ..activate import activation
+from .prereq import arch_list_problems
 from .source import build_from_source, source_identity
 from .variants import best_variant, build_settings, check_isa_name, compiler_flags
 from .verify import verify_prebuilt
@@ -119,11 +119,9 @@ def cuda_inputs(kt: KtKernel, env: Path, toolkit: dict | None, sm: int,
     base = dict(os.environ if environ is None else environ)
     if not toolkit or not toolkit.get("cuda_home"):
         return base, kt.default_cuda_archs, ""
-    env_vars = activation(env, toolkit, base)
-    policy = toolchain.load(toolchain.default_envs())
+    env_vars = toolchain.build_env(toolkit, base, env)
     tk = toolchain.Toolkit(toolkit["cuda_home"], toolkit["nvcc"], toolkit["version"], toolkit.get("origin") or "")
-    need = toolchain.need_for_sms(policy, kt.default_cuda_archs, toolkit.get("torch_cuda"), int(tk.version.split(".")[0]))
-    if "arch" not in toolchain.problems(tk, need):
+    if "arch" not in arch_list_problems(tk, kt.default_cuda_archs, toolkit.get("torch_cuda")):
         return env_vars, kt.default_cuda_archs, ""
     return env_vars, str(sm), (f"CPUINFER_CUDA_ARCHS={sm} (the env's GPU), not upstream's {kt.default_cuda_archs}: "
                                f"nvcc {tk.version} cannot compile for every SM of it; kt-kernel has no device "

@@ -97,6 +97,13 @@ def _cublas_include(nvcc: str | None, py: dict) -> str | None:
     return str(inc) if (inc / "cublas_v2.h").exists() else None
 
 
+def arch_list_problems(tk: toolchain.Toolkit, sms: str, torch_cuda: str | None,
+                       envs_dir: str | Path | None = None) -> dict[str, str]:
+    """toolchain.problems() for an arch list such as CPUINFER_CUDA_ARCHS ("80;86;89;90;120")."""
+    policy = toolchain.load(envs_dir or toolchain.default_envs())
+    return toolchain.problems(tk, toolchain.need_for_sms(policy, sms, torch_cuda, int(tk.version.split(".")[0])))
+
+
 def check_build_prerequisites(kt: KtKernel, source: str | Path, python: str, target_isa: str,
                               environ: Mapping[str, str] | None = None, *, cuda: bool = True,
                               cxx: str | None = None, cuda_archs: str | None = None,
@@ -195,9 +202,7 @@ def check_build_prerequisites(kt: KtKernel, source: str | Path, python: str, tar
         if tk is None:
             problems.append(f"{nvcc} does not run (`nvcc --version` failed); kt-kernel's build would use it.")
         else:
-            policy = toolchain.load(envs_dir or toolchain.default_envs())
-            found = toolchain.problems(tk, toolchain.need_for_sms(policy, cuda_archs or kt.default_cuda_archs, torch_cuda,
-                                                                   int(tk.version.split(".")[0])))
+            found = arch_list_problems(tk, cuda_archs or kt.default_cuda_archs, torch_cuda, envs_dir)
             for why in (found.get("major"), found.get("arch")):
                 if why:
                     problems.append(f"{nvcc} (kt-kernel's setup.py picks it: CUDA_HOME, then PATH): {why}. Point CUDA_HOME "
