@@ -13,6 +13,7 @@ module level: the env may be broken in any way, and this must still report.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib
 import importlib.metadata as md
 import io
@@ -54,22 +55,15 @@ def _norm(name: str) -> str:
 
 # --- inventory ---------------------------------------------------------------
 
-_MEMO: dict = {}
-
-
-def _memo(kind: str, dist, make):
-    if (kind, id(dist)) not in _MEMO:
-        _MEMO[kind, id(dist)] = make()
-    return _MEMO[kind, id(dist)]
-
-
+# Cached per distribution object: the cache holds the object, so its id is never reused for another.
+@functools.cache
 def _name(dist) -> str:  # dist.metadata parses all of METADATA on every access (~19 s once per RECORD row)
-    return _memo("name", dist, lambda: dist.metadata["Name"])
+    return dist.metadata["Name"]
 
 
+@functools.cache
 def _record_rows(dist) -> list[tuple[str, str, str]]:
-    return _memo("rows", dist, lambda: [tuple((row + ["", "", ""])[:3])
-                                        for row in csv.reader(io.StringIO(dist.read_text("RECORD") or "")) if row])
+    return [tuple((row + ["", "", ""])[:3]) for row in csv.reader(io.StringIO(dist.read_text("RECORD") or "")) if row]
 
 
 def _pth_roots(site: Path) -> list[tuple[str, ...]]:
