@@ -17,8 +17,8 @@ and CXX from $CONDA_PREFIX). What is real and what stands in:
 - CUDA 12.4 (cuda-nvcc-tools, cuda-nvcc-dev_linux-64, cuda-cudart,
   cuda-cudart-dev*): NVIDIA's real nvcc, ptxas, cicc, fatbinary, nvlink,
   libcudart and headers, from the CUDA 12.4 toolkit ktenv's toolchain step
-  unpacks from Debian's packages (`cuda12_toolkit()`); left out when that
-  toolkit is not on this machine.
+  unpacks from Debian's packages (conftest's `cuda12_home()`); left out when
+  no toolkit is given.
 - CUDA 12.8 / 12.9: the same layout, but nvcc is a script printing the
   release and libcudart a tiny real shared library: the stack pins 12.8,
   which no package source reachable from here has.
@@ -43,16 +43,6 @@ TARGETS = "targets/x86_64-linux"
 # Build times before envs/stack.toml's cut-offs, like real published packages.
 BUILT = int(datetime(2026, 6, 1, tzinfo=timezone.utc).timestamp() * 1000)
 GLIBC = "__glibc >=2.17,<3.0.a0"
-
-
-def cuda12_toolkit() -> Path | None:
-    """The real CUDA 12 toolkit (CUDA_HOME layout) ktenv's toolchain step provisions, if this machine has it."""
-    from ktenv.tools import cache_dir
-
-    for c in (os.environ.get("KTENV_TEST_CUDA12_HOME"), cache_dir() / "cuda" / "debian-trixie-12.4"):
-        if c and (Path(c) / "bin" / "nvcc").is_file() and (Path(c) / "nvvm" / "bin" / "cicc").is_file():
-            return Path(c)
-    return None
 
 
 def make_package(channel: Path, name: str, version: str, build: str, subdir: str = "linux-64",

@@ -35,8 +35,8 @@ def spec():
 def channel(tmp_path_factory):
     where = tmp_path_factory.getbasetemp() / "conda-shared" / "channel"
     if not (where / "linux-64" / "repodata.json").exists():
-        cuda12_home()  # provisioned as scripts/bootstrap.sh does, so cuda-nvcc 12.4 is NVIDIA's real nvcc
-        conda_channel.build_channel(where, toolkit=conda_channel.cuda12_toolkit())
+        # provisioned as scripts/bootstrap.sh does, so cuda-nvcc 12.4 is NVIDIA's real nvcc
+        conda_channel.build_channel(where, toolkit=cuda12_home())
     return where
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,16 @@ def stack_env() -> Path:
     given = os.environ.get("KTENV_TEST_ENV")
     if given:
         return Path(given).resolve()
-    prefix = REPO / ".envs" / TEST_ARCH
-    p = subprocess.run([sys.executable, str(REPO / "build.py"), "env", "--arch", TEST_ARCH, "--prefix", str(prefix)],
+    return _built_env(TEST_ARCH)
+
+
+def _built_env(arch: str) -> Path:
+    """.envs/<arch>, built (or found up to date) by ktenv itself."""
+    prefix = REPO / ".envs" / arch
+    p = subprocess.run([sys.executable, str(REPO / "build.py"), "env", "--arch", arch, "--prefix", str(prefix)],
                        capture_output=True, text=True, cwd=REPO)
     if p.returncode != 0:
-        pytest.fail(f"`build.py env --arch {TEST_ARCH}` failed, so the tests that need a real env cannot run:\n"
+        pytest.fail(f"`build.py env --arch {arch}` failed, so the tests that need a real env cannot run:\n"
                     f"{(p.stderr or p.stdout)[-2000:]}", pytrace=False)
     return prefix
 
@@ -49,18 +55,29 @@ def stack_python(stack_env) -> Path:
 def sm89_env() -> Path:
     """A second real env, for sm89 (the same packages as TEST_ARCH's lock, hard-linked from uv's
     cache: seconds), for what needs an arch that can serve without flash_mla (sm90 cannot)."""
-    prefix = REPO / ".envs" / "sm89"
-    p = subprocess.run([sys.executable, str(REPO / "build.py"), "env", "--arch", "sm89", "--prefix", str(prefix)],
-                       capture_output=True, text=True, cwd=REPO)
-    if p.returncode != 0:
-        pytest.fail(f"`build.py env --arch sm89` failed:\n{(p.stderr or p.stdout)[-2000:]}", pytrace=False)
-    return prefix
+    return _built_env("sm89")
+
+
+def gone(pid: int, within: float = 10) -> bool:
+    """Has process `pid` exited within `within` seconds?"""
+    t = time.monotonic()
+    while time.monotonic() - t < within:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def cuda12_home() -> Path:
-    """A real CUDA 12 toolkit: Debian's 12.4, provisioned from envs/toolchain.toml's pinned
-    archives as scripts/bootstrap.sh does (cached in ktenv's cache after the first run)."""
+    """A real CUDA 12 toolkit: $KTENV_TEST_CUDA12_HOME, else Debian's 12.4, provisioned from
+    envs/toolchain.toml's pinned archives as scripts/bootstrap.sh does (cached in ktenv's
+    cache after the first run)."""
     from ktenv.build import cuda_fetch, toolchain
+
+    if os.environ.get("KTENV_TEST_CUDA12_HOME"):
+        return Path(os.environ["KTENV_TEST_CUDA12_HOME"])
 
     debian = next(s for s in toolchain.load(REPO / "envs").sources if s.name == "debian-trixie-12.4")
     return Path(cuda_fetch.provision(debian, progress=lambda m: None))

@@ -26,7 +26,7 @@ import yaml
 import conda_channel
 from build_helpers import CACHE_ENV
 from conda_fixtures import HOST_PY, channel, envs, needs_host_python, own_channel, pypi_lock, serve, spec, url  # noqa: F401
-from conftest import REPO, run_cli
+from conftest import REPO, cuda12_home, run_cli
 from ktenv import spec as specmod
 from ktenv.build import conda as condabuild
 from ktenv.build import dists
@@ -246,7 +246,7 @@ def real_pip_wheel(lock_dir: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def conda_env(tmp_path_factory, channel):
-    assert conda_channel.cuda12_toolkit() is not None  # the channel fixture provisioned it
+    assert (cuda12_home() / "nvvm" / "bin" / "cicc").is_file()  # the channel fixture packaged it
     root = tmp_path_factory.mktemp("conda-env")
     # The channel gains conda-forge's pip at the version the real lock pins, made from PyPI's wheel
     # (a build number above the session channel's pip, which may be the same version).

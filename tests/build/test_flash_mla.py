@@ -219,7 +219,7 @@ def test_an_nvcc_of_another_major_than_torch_is_refused(tmp_path, pin, stack_pyt
 
 
 def test_a_cuda12_older_than_12_8_is_refused(tmp_path, pin, stack_python):
-    py, home = stack_python, os.environ.get("KTENV_TEST_CUDA12_HOME") or str(cuda12_home())
+    py, home = stack_python, str(cuda12_home())
     version = fm.nvcc_version(home)
     assert version and version.startswith("12."), f"{home} is not a CUDA 12 toolkit"
     problems = fm.check_prerequisites(tmp_path, str(py), home, pin)

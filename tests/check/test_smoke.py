@@ -32,7 +32,7 @@ from ktenv.host.cpu import cpu_info
 from ktenv.probes import smoke_server
 from ktenv.tools import uv_bin
 
-from conftest import TEST_ARCH, run_cli
+from conftest import TEST_ARCH, gone, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 FIX = REPO / "tests" / "fixtures" / "smoke"
@@ -47,17 +47,6 @@ def _fake(tmp_path, mode, **kw):
     run = smoke_server.ServerRun(argv, dict(os.environ), port, tmp_path / "server.log",
                                  kt_layers=[0, 1, 2, 3], kt_experts=256, **kw)
     return run, pidfile
-
-
-def _gone(pid: int, within: float = 10) -> bool:
-    t = time.monotonic()
-    while time.monotonic() - t < within:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _pid(pidfile: Path, within: float = 10) -> int:
@@ -82,7 +71,7 @@ def test_server_run_start_wait_ask_stop(tmp_path):
                                                  "KT loader"]
     assert "8 tokens back (asked 8), logprobs finite" in rep["summary"]
     assert "kt-kernel loaded 256 experts of each of the 4 layers" in rep["summary"]
-    assert _gone(_pid(pidfile)), "the server's child process outlived stop()"
+    assert gone(_pid(pidfile)), "the server's child process outlived stop()"
     assert not smoke_server.port_in_use(run.port)
     assert "fake server: mode ok" in (tmp_path / "server.log").read_text()
 
@@ -101,7 +90,7 @@ def test_server_run_gives_up_at_the_deadline(tmp_path):
     rep = run.check(deadline=3, prompt="hello")
     assert not rep["ok"] and time.monotonic() - t < 20
     assert "not healthy within 3 s (last: HTTP 503" in rep["summary"]
-    assert _gone(_pid(pidfile))
+    assert gone(_pid(pidfile))
 
 
 def test_server_run_checks_the_token_count(tmp_path):
@@ -117,7 +106,7 @@ def test_server_run_kills_a_server_that_ignores_sigterm(tmp_path):
     assert run.start() and run.wait_healthy(30)
     assert run.stop(grace=2)
     assert run.steps[-1]["note"] == "stopped by SIGKILL after 2 s"
-    assert _gone(_pid(pidfile))
+    assert gone(_pid(pidfile))
 
 
 def test_server_run_kills_the_group_when_the_leader_already_exited(tmp_path):
@@ -129,7 +118,7 @@ def test_server_run_kills_the_group_when_the_leader_already_exited(tmp_path):
     child = _pid(pidfile)
     stop = _step(rep, "stop")
     assert stop["ok"] and stop["note"].startswith("the leader had exited; the rest of its group stopped by SIGTERM"), stop
-    assert _gone(child), "the orphaned child still runs"
+    assert gone(child), "the orphaned child still runs"
     assert not smoke_server.port_in_use(run.port)
 
 
@@ -185,7 +174,7 @@ def test_server_run_reports_a_process_stuck_after_sigkill(tmp_path):
     finally:
         run._wait, run._leader_running = real_wait, real_running
         run.stop(grace=1)
-    assert _gone(_pid(pidfile))
+    assert gone(_pid(pidfile))
 
 
 def test_server_run_standalone_cli(tmp_path):
